@@ -1,0 +1,281 @@
+"""The paper's claims about each concept, stated as tests."""
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import load
+
+multicrop, vit_mod, head_mod, loss_mod, ema_mod = (load(n) for n in
+                                                    ("01_multicrop", "02_vit", "03_head", "04_loss", "05_teacher_ema"))
+
+
+# ---------------------------------------------------------------- 01 multi-crop
+def test_multicrop_shapes_and_order():
+    aug = multicrop.DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 6, global_size=32, local_size=16)
+    crops = aug(Image.new("RGB", (50, 40), (120, 30, 200)))
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 6
+
+
+def test_same_seed_same_crops_even_with_python_random_disturbed():
+    aug = multicrop.DataAugmentationDINO(local_crops_number=2, global_size=48, local_size=24)
+    img = multicrop.sample_image()
+    torch.manual_seed(3); random.seed(1)
+    a = aug(img)
+    torch.manual_seed(3); random.seed(2)
+    b = aug(img)
+    torch.manual_seed(4)
+    c = aug(img)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_asymmetric_blur_and_solarization_probabilities():
+    aug = multicrop.DataAugmentationDINO()
+    assert aug.global_transfo1.transforms[2].p == 1.0
+    assert aug.global_transfo2.transforms[2].p == 0.1
+    assert aug.local_transfo.transforms[2].p == 0.5
+    assert [type(t).__name__ for t in aug.global_transfo2.transforms].count("Solarization") == 1
+    assert "Solarization" not in [type(t).__name__ for t in aug.global_transfo1.transforms + aug.local_transfo.transforms]
+    assert aug.global_transfo2.transforms[3].p == 0.2
+
+
+def test_solarization_inverts_above_128():
+    img = Image.fromarray(np.array([[[10, 200, 128]]], dtype=np.uint8))
+    torch.manual_seed(0)
+    out = np.array(multicrop.Solarization(p=1.0)(img))
+    assert out.tolist() == [[[10, 55, 127]]]
+
+
+# ---------------------------------------------------------------- 02 ViT
+@pytest.mark.parametrize("arch,dim", [("vit_tiny", 192), ("vit_small", 384), ("vit_base", 768)])
+def test_vit_archs_widths(arch, dim):
+    m = vit_mod.ARCHS[arch](patch_size=16)
+    assert m.embed_dim == dim and len(m.blocks) == 12
+    assert m.blocks[0].attn.num_heads == {"vit_tiny": 3, "vit_small": 6, "vit_base": 12}[arch]
+
+
+@pytest.mark.parametrize("patch", [16, 8, 4])
+@pytest.mark.parametrize("hw", [(64, 64), (32, 32), (48, 80)])
+def test_vit_shapes_any_patch_and_size(patch, hw):
+    m = vit_mod.VisionTransformer(img_size=64, patch_size=patch, embed_dim=48, depth=2, num_heads=3).eval()
+    x = torch.randn(2, 3, *hw)
+    assert m(x).shape == (2, 48)
+    n = 1 + (hw[0] // patch) * (hw[1] // patch)
+    assert m.get_last_selfattention(x).shape == (2, 3, n, n)
+    inter = m.get_intermediate_layers(x, n=2)
+    assert len(inter) == 2 and inter[-1].shape == (2, n, 48)
+    assert torch.allclose(inter[-1][:, 0], m(x), atol=1e-6)
+
+
+def test_vit_small_on_96px_local_crops():
+    m = vit_mod.vit_small(patch_size=16).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 96, 96)).shape == (1, 384)
+
+
+def test_sdpa_equals_explicit_attention():
+    torch.manual_seed(0)
+    m = vit_mod.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=4,
+                                  qkv_bias=True).eval()
+    blk, x = m.blocks[0], m.prepare_tokens(torch.randn(2, 3, 32, 40))
+    attn = blk(x, return_attention=True)  # explicit softmax path
+    v = blk.attn.qkv(blk.norm1(x)).reshape(2, x.shape[1], 3, 4, 12).permute(2, 0, 3, 1, 4)[2]
+    explicit = blk.attn.proj((attn @ v).transpose(1, 2).reshape(2, x.shape[1], 48))
+    assert torch.allclose(blk.attn(blk.norm1(x)), explicit, atol=1e-5)
+    assert torch.allclose(attn.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_pos_embed_interpolation_is_identity_at_training_size_and_bicubic_elsewhere():
+    m = vit_mod.VisionTransformer(img_size=64, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    assert m.interpolate_pos_encoding(64, 64, 64) is m.pos_embed
+    out = m.interpolate_pos_encoding(12, 24, 32)  # 3 x 4 patch grid
+    grid = m.pos_embed[:, 1:].reshape(1, 8, 8, 16).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, scale_factor=(3.1 / 8, 4.1 / 8), mode="bicubic")
+    assert out.shape == (1, 13, 16)
+    assert torch.allclose(out[:, 1:], ref.flatten(2).transpose(1, 2))
+    assert torch.equal(out[:, 0], m.pos_embed[:, 0])
+
+
+def test_vit_state_dict_keys_are_official():
+    keys = set(vit_mod.vit_small(patch_size=16).state_dict())
+    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    for i in range(12):
+        for sub in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            expected |= {f"blocks.{i}.{sub}.weight", f"blocks.{i}.{sub}.bias"}
+    assert keys == expected
+    assert vit_mod.vit_small(patch_size=16).pos_embed.shape == (1, 197, 384)
+
+
+def test_drop_path_linear_schedule_and_eval_identity():
+    m = vit_mod.VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=5, num_heads=2, drop_path_rate=0.4)
+    assert [round(b.drop_path.drop_prob, 6) for b in m.blocks] == [0.0, 0.1, 0.2, 0.3, 0.4]
+    x = torch.randn(64, 4, 8)
+    assert torch.equal(vit_mod.drop_path(x, 0.4, training=False), x)
+    torch.manual_seed(0)
+    y = vit_mod.drop_path(x, 0.5, training=True)
+    kept = (y.abs().sum(dim=(1, 2)) > 0)
+    assert torch.allclose(y[kept], x[kept] * 2) and 10 < kept.sum() < 54
+
+
+# ---------------------------------------------------------------- 03 head
+def test_head_keys_and_unit_prototypes():
+    head = head_mod.DINOHead(32, 100, hidden_dim=64, bottleneck_dim=16)
+    assert list(head.state_dict()) == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight",
+                                       "mlp.4.bias", "last_layer.weight_v", "last_layer.weight_g"]
+    assert head.last_layer.weight_g.shape == (100, 1) and not head.last_layer.weight_g.requires_grad
+    assert torch.allclose(head.last_layer.weight.norm(dim=1), torch.ones(100), atol=1e-6)
+    out = head(torch.randn(5, 32))
+    assert out.shape == (5, 100) and out.abs().max() <= 1 + 1e-6
+    assert head_mod.DINOHead(32, 100, norm_last_layer=False).last_layer.weight_g.requires_grad
+
+
+def test_head_weight_norm_matches_torch_reference():
+    head = head_mod.DINOHead(8, 10, hidden_dim=16, bottleneck_dim=4, norm_last_layer=False)
+    with torch.no_grad():
+        head.last_layer.weight_g.mul_(torch.rand(10, 1) + 0.5)
+    g, v = head.last_layer.weight_g, head.last_layer.weight_v
+    assert torch.allclose(head.last_layer.weight, torch._weight_norm(v, g, 0))
+
+
+def test_head_with_batchnorm_and_gradients_reach_v():
+    head = head_mod.DINOHead(8, 10, use_bn=True, hidden_dim=16, bottleneck_dim=4)
+    assert isinstance(head.mlp[1], torch.nn.BatchNorm1d)
+    head(torch.randn(4, 8)).sum().backward()
+    assert head.last_layer.weight_v.grad is not None and head.last_layer.weight_g.grad is None
+
+
+def test_multicrop_wrapper_one_backbone_pass_per_resolution():
+    backbone = vit_mod.VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    calls = []
+    backbone.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    model = head_mod.MultiCropWrapper(backbone, head_mod.DINOHead(16, 20, hidden_dim=8, bottleneck_dim=4)).eval()
+    crops = [torch.randn(3, 3, 32, 32)] * 2 + [torch.randn(3, 3, 16, 16) for _ in range(4)]
+    out = model(crops)
+    assert out.shape == (18, 20) and calls == [6, 12]
+    # rows come view by view: the 3rd local crop's batch is rows 12..14
+    assert torch.allclose(out[12:15], model.head(backbone(crops[4])), atol=1e-6)
+
+
+# ---------------------------------------------------------------- 04 loss
+def official_formula(student, teacher, center, ncrops, tau_s, tau_t):
+    """The loss written term by term from Eq. 1 and Algorithm 1."""
+    s = [F.log_softmax(x / tau_s, dim=-1) for x in student.chunk(ncrops)]
+    t = [F.softmax((x - center) / tau_t, dim=-1) for x in teacher.chunk(2)]
+    terms = [(-t[i] * s[v]).sum(-1).mean() for i in range(2) for v in range(ncrops) if v != i]
+    return sum(terms) / len(terms), len(terms)
+
+
+def test_loss_equals_formula_and_counts_2_v_minus_1_terms():
+    torch.manual_seed(0)
+    ncrops, B, K = 5, 3, 16
+    loss_fn = loss_mod.DINOLoss(K, ncrops, 0.04, 0.07, 3, 10)
+    loss_fn.center.copy_(torch.randn(1, K))
+    student, teacher = torch.randn(ncrops * B, K), torch.randn(2 * B, K)
+    expected, n = official_formula(student, teacher, loss_fn.center.clone(), ncrops, 0.1, 0.04)
+    assert n == 2 * (ncrops - 1)
+    assert torch.allclose(loss_fn(student, teacher, epoch=0), expected, atol=1e-6)
+
+
+def test_loss_skips_same_view_pairs():
+    torch.manual_seed(0)
+    B, K = 4, 8
+    loss_fn = loss_mod.DINOLoss(K, 3, 0.04, 0.04, 0, 1)
+    student, teacher = torch.randn(3 * B, K), torch.randn(2 * B, K)
+    base = loss_fn(student.clone(), teacher, 0)
+    loss_fn.center.zero_()
+    # changing what the student says about view 1 changes the loss only through pair (teacher 0, student 1)
+    s2 = student.clone()
+    s2[B:2 * B] = torch.randn(B, K)
+    diff = loss_fn(s2, teacher, 0) - base
+    loss_fn.center.zero_()
+    tq = F.softmax(teacher[:B] / 0.04, -1)
+    pair = lambda s: (-tq * F.log_softmax(s[B:2 * B] / 0.1, -1)).sum(-1).mean()
+    assert torch.allclose(diff, (pair(s2) - pair(student)) / 4, atol=1e-5)
+
+
+def test_teacher_gets_no_gradient():
+    loss_fn = loss_mod.DINOLoss(8, 4, 0.04, 0.04, 0, 1)
+    student = torch.randn(16, 8, requires_grad=True)
+    teacher = torch.randn(8, 8, requires_grad=True)
+    loss_fn(student, teacher, 0).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_centering_formula_and_switches():
+    torch.manual_seed(0)
+    loss_fn = loss_mod.DINOLoss(6, 2, 0.04, 0.04, 0, 1, center_momentum=0.9)
+    c0 = torch.randn(1, 6)
+    loss_fn.center.copy_(c0)
+    teacher = torch.randn(10, 6)
+    loss_fn(torch.randn(10, 6), teacher, 0)
+    assert torch.allclose(loss_fn.center, 0.9 * c0 + 0.1 * teacher.mean(0, keepdim=True), atol=1e-6)
+    no_center = loss_mod.DINOLoss(6, 2, 0.04, 0.04, 0, 1, centering=False)
+    no_center(torch.randn(10, 6), teacher, 0)
+    assert torch.equal(no_center.center, torch.zeros(1, 6))
+    no_sharp = loss_mod.DINOLoss(6, 2, 0.04, 0.04, 0, 5, sharpening=False)
+    assert no_sharp.teacher_temp(3) == 0.1
+
+
+def test_teacher_temperature_schedule():
+    loss_fn = loss_mod.DINOLoss(4, 2, 0.04, 0.07, 30, 100)
+    sched = loss_fn.teacher_temp_schedule
+    assert len(sched) == 100
+    assert sched[0] == pytest.approx(0.04) and sched[29] == pytest.approx(0.07) and sched[99] == pytest.approx(0.07)
+    assert sched[15] == pytest.approx(0.04 + 0.03 * 15 / 29)
+    assert loss_mod.DINOLoss(4, 2, 0.04, 0.04, 0, 10).teacher_temp_schedule == [0.04] * 10
+
+
+def test_diagnostics_entropy_plus_kl_is_loss_and_bounds():
+    torch.manual_seed(0)
+    K = 32
+    loss_fn = loss_mod.DINOLoss(K, 4, 0.04, 0.04, 0, 1)
+    loss, d = loss_fn(torch.randn(16, K), torch.randn(8, K), 0, return_diagnostics=True)
+    assert torch.allclose(d["entropy"] + d["kl"], loss)
+    assert 0 <= d["entropy"] <= math.log(K) and d["kl"] >= 0
+    # a uniform teacher and student: h = log K, KL = 0 (the collapse signature)
+    loss_fn = loss_mod.DINOLoss(K, 4, 0.04, 0.04, 0, 1)
+    loss, d = loss_fn(torch.zeros(16, K), torch.zeros(8, K), 0, return_diagnostics=True)
+    assert d["entropy"].item() == pytest.approx(math.log(K), rel=1e-5) and abs(d["kl"].item()) < 1e-5
+
+
+# ---------------------------------------------------------------- 05 teacher / EMA
+def test_teacher_is_exact_copy_without_grad():
+    student = head_mod.DINOHead(8, 10, hidden_dim=16, bottleneck_dim=4)
+    teacher = ema_mod.build_teacher(student)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(student.parameters(), teacher.parameters()))
+
+
+@pytest.mark.parametrize("m", [1.0, 0.0, 0.996])
+def test_ema_rule(m):
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    teacher = ema_mod.build_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in teacher.parameters()]
+    ema_mod.ema_update(teacher, student, m)
+    for t0, t, s in zip(before, teacher.parameters(), student.parameters()):
+        if m == 1.0:
+            assert torch.equal(t, t0)  # m = 1: the teacher does not move
+        elif m == 0.0:
+            assert torch.equal(t, s)  # m = 0: the teacher becomes the student
+        else:
+            assert torch.allclose(t, m * t0 + (1 - m) * s, atol=1e-7)
+
+
+def test_cosine_scheduler_official_values():
+    s = ema_mod.cosine_scheduler(0.996, 1.0, epochs=10, niter_per_ep=5)
+    assert len(s) == 50 and s[0] == 0.996
+    assert s[25] == pytest.approx(1 + 0.5 * (0.996 - 1) * (1 + math.cos(math.pi * 25 / 50)))
+    lr = ema_mod.cosine_scheduler(1e-3, 1e-6, epochs=10, niter_per_ep=5, warmup_epochs=2)
+    assert np.allclose(lr[:10], np.linspace(0, 1e-3, 10))
+    assert lr[10] == pytest.approx(1e-3) and lr[-1] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 39 / 40)))
+    assert np.all(np.diff(lr[10:]) < 0)
