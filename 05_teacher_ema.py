@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 
-def build_teacher(student):
-    """An exact copy of the student that gradients never reach."""
-    teacher = copy.deepcopy(student)
+def build_teacher(student, teacher=None):
+    """An exact copy of the student that gradients never reach. `teacher`: an instance of the same
+    architecture to copy into (train.py passes one without stochastic depth, which is student-only)."""
+    teacher = copy.deepcopy(student) if teacher is None else teacher
+    teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
     return teacher

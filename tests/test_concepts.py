@@ -87,6 +87,8 @@ def test_sdpa_equals_explicit_attention():
     v = blk.attn.qkv(blk.norm1(x)).reshape(2, x.shape[1], 3, 4, 12).permute(2, 0, 3, 1, 4)[2]
     explicit = blk.attn.proj((attn @ v).transpose(1, 2).reshape(2, x.shape[1], 48))
     assert torch.allclose(blk.attn(blk.norm1(x)), explicit, atol=1e-5)
+    blk.attn.fused = False
+    assert torch.allclose(blk.attn(blk.norm1(x)), explicit, atol=1e-6)
     assert torch.allclose(attn.sum(-1), torch.ones(()), atol=1e-5)
 
 

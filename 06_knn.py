@@ -1,0 +1,184 @@
+"""Weighted k-NN evaluation of frozen features (paper Sec. 4.1 "Evaluation protocols", following
+Wu et al. 2018; official eval_knn.py).
+
+    f(x)     = l2norm( CLS feature of the frozen teacher backbone )
+    s_i      = <f(x), f(x_i)>                     cosine similarity to every training image
+    score_c  = sum over the k most similar x_i of class c of exp(s_i / T)
+    predict  = argmax_c score_c                     T = 0.07, k = 20 (also 10, 100, 200)
+
+No training, no hyper-parameter tuning: the features alone decide. Images are resized and
+centre-cropped at the training resolution (Resize(256) + CenterCrop(224) at ImageNet scale).
+
+Departures from the official script: any number of classes and any test-set size (it hard-codes
+1000 classes and breaks under 100 test images); k is capped at the size of the memory bank;
+one process or many without a mandatory process group.
+
+Usage:
+    python 06_knn.py --checkpoint OUT/checkpoint.pth --data_path shapes
+    python 06_knn.py --random_init --arch vit_nano --patch_size 4 --image_size 32 --data_path shapes
+    python 06_knn.py --pretrained dino_deitsmall16_pretrain.pth --arch vit_small --data_path DIR
+"""
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchvision import transforms
+
+import checkpoint as ckpt
+import data
+
+vits = importlib.import_module("02_vit")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def eval_transform(image_size):
+    """Resize to 256/224 of the crop size, then centre-crop: the official protocol at any scale."""
+    return transforms.Compose([
+        transforms.Resize(int(round(image_size * 256 / 224)), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+@torch.no_grad()
+def extract_features(model, dataset, device, batch_size=256, num_workers=0, dtype=None):
+    """L2-normalised CLS features and labels of a whole dataset, (n, D) and (n,). With a process
+    group, each rank embeds every world_size-th image and the pieces are gathered in order."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    n = len(dataset)
+    subset = torch.utils.data.Subset(dataset, range(rank, n, world))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    model.eval()
+    for images, targets in loader:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            f = model(images.to(device, non_blocking=True))
+        feats.append(F.normalize(f.float(), dim=1))
+        labels.append(torch.as_tensor(targets, device=device))
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if distributed:  # rank r holds images r, r + W, r + 2W, ...: pad, gather, interleave
+        m = -(-n // world)
+        feats = F.pad(feats, (0, 0, 0, m - len(feats)))
+        labels = F.pad(labels, (0, m - len(labels)))
+        all_f, all_l = [torch.empty_like(feats) for _ in range(world)], [torch.empty_like(labels) for _ in range(world)]
+        dist.all_gather(all_f, feats)
+        dist.all_gather(all_l, labels)
+        feats = torch.stack(all_f, dim=1).reshape(m * world, -1)[:n]
+        labels = torch.stack(all_l, dim=1).reshape(-1)[:n]
+    return feats, labels
+
+
+@torch.no_grad()
+def knn_classifier(train_features, train_labels, test_features, test_labels, k, T=0.07, num_classes=None,
+                   chunk=1024):
+    """Top-1 and top-5 accuracy (%) of the exp(s / T)-weighted vote of the k nearest neighbours."""
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, len(train_labels))
+    correct1 = correct5 = 0
+    for i in range(0, len(test_labels), chunk):  # bounded memory: (chunk, n_train) similarities at a time
+        feats, targets = test_features[i:i + chunk], test_labels[i:i + chunk]
+        sim, idx = (feats @ train_features.T).topk(k, dim=1)  # (b, k)
+        votes = torch.zeros(len(targets), num_classes, device=feats.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / T).exp())  # score_c = sum exp(s_i / T)
+        pred = votes.argsort(dim=1, descending=True)
+        correct = pred.eq(targets[:, None])
+        correct1 += correct[:, :1].sum().item()
+        correct5 += correct[:, :min(5, num_classes)].sum().item()
+    n = len(test_labels)
+    return 100.0 * correct1 / n, 100.0 * correct5 / n
+
+
+def evaluate(backbone, data_path, image_size, device, nb_knn=(10, 20, 100, 200), temperature=0.07,
+             batch_size=256, num_workers=0, dtype=None):
+    """k-NN accuracies {k: (top1, top5)} of a backbone on a dataset's train (memory) and val (queries)."""
+    tf = eval_transform(image_size)
+    train_set = data.build_dataset(data_path, "train", tf)
+    val_set = data.build_dataset(data_path, "val", tf)
+    train_f, train_l = extract_features(backbone, train_set, device, batch_size, num_workers, dtype)
+    test_f, test_l = extract_features(backbone, val_set, device, batch_size, num_workers, dtype)
+    num_classes = len(getattr(train_set, "classes", [])) or None
+    return {k: knn_classifier(train_f, train_l, test_f, test_l, k, temperature, num_classes) for k in nb_knn}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Weighted k-NN evaluation of DINO features", add_help=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
+    src.add_argument("--pretrained", help="an official released backbone or full official checkpoint")
+    src.add_argument("--random_init", action="store_true", help="an untrained network: the baseline to read against")
+    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
+                   help="the paper evaluates the teacher, which is better than the student throughout training")
+    p.add_argument("--arch", default="vit_small", choices=sorted(vits.ARCHS), help="for --pretrained / --random_init")
+    p.add_argument("--patch_size", "--patch", type=int, default=16)
+    p.add_argument("--image_size", type=int, default=None,
+                   help="centre-crop size; default: the checkpoint's global crop size, else 224")
+    p.add_argument("--data_path", default="shapes", help="ImageFolder with train/ and val/, or " + ", ".join(data.BUILTIN))
+    p.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200])
+    p.add_argument("--temperature", type=float, default=0.07, help="T in exp(s / T), as in Wu et al. 2018")
+    p.add_argument("--batch_size_per_gpu", type=int, default=256)
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--output_dir", default=None, help="where knn.json goes; default: beside the checkpoint")
+    return p
+
+
+def build_backbone(args):
+    """(backbone, image_size, where the result goes) from --checkpoint / --pretrained / --random_init."""
+    if args.checkpoint:
+        obj = ckpt.load_file(args.checkpoint)
+        train_args = obj.get("args", {}) if isinstance(obj, dict) else {}
+        if isinstance(train_args, dict) and "arch" in train_args:
+            args.arch, args.patch_size = train_args["arch"], train_args["patch_size"]
+            args.image_size = args.image_size or train_args.get("global_size")
+        source, out_dir = obj, Path(args.checkpoint).parent
+    elif args.pretrained:
+        source, out_dir = ckpt.load_file(args.pretrained), Path(".")
+    else:
+        source, out_dir = None, Path(".")
+    if args.arch not in vits.ARCHS:
+        raise ckpt.CheckpointError(f"unknown --arch {args.arch}; choose from {', '.join(sorted(vits.ARCHS))}")
+    image_size = args.image_size or 224
+    model = vits.ARCHS[args.arch](patch_size=args.patch_size, img_size=image_size)
+    if source is not None:
+        sd = ckpt.backbone_state_dict(source, args.checkpoint_key)
+        if sd["pos_embed"].shape != model.pos_embed.shape and "pos_embed" in sd:  # trained at another size
+            model = vits.ARCHS[args.arch](patch_size=args.patch_size,
+                                          img_size=int(round((sd["pos_embed"].shape[1] - 1) ** 0.5)) * args.patch_size)
+        ckpt.load_strict(model, sd, args.checkpoint or args.pretrained)
+    return model, image_size, Path(args.output_dir) if args.output_dir else out_dir
+
+
+def main(args):
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, image_size, out_dir = build_backbone(args)
+    model.to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    results = evaluate(model, args.data_path, image_size, device, args.nb_knn, args.temperature,
+                       args.batch_size_per_gpu, args.num_workers, dtype)
+    what = "random init" if args.random_init else (args.checkpoint or args.pretrained)
+    print(f"{args.arch}/{args.patch_size} ({what}) on {args.data_path} at {image_size} px")
+    for k, (top1, top5) in results.items():
+        print(f"  {k:>3}-NN: top-1 {top1:6.2f}%  top-5 {top5:6.2f}%")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "knn_random_init.json" if args.random_init else "knn.json"
+    ckpt.save_json({"source": str(what), "arch": args.arch, "patch_size": args.patch_size, "data_path": args.data_path,
+                    "image_size": image_size, "temperature": args.temperature,
+                    "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in results.items()}}, out_dir / name)
+    if 20 in results:
+        print(f"k-NN top-1 (k=20): {results[20][0]:.2f}%")
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except (data.DataError, ckpt.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,111 @@
+"""Saving and loading weights: atomic writes, `weights_only=True` reads, errors that name the fix.
+
+Our checkpoints hold plain types only: state dicts, the centre, the epoch, `args` as a dict.
+Also reads the official files: a released backbone (`dino_deitsmall16_pretrain.pth`, a bare
+state dict) or a full official checkpoint ("teacher"/"student" entries whose keys carry
+`module.` and `backbone.` prefixes; its `args` is a pickled Namespace, which weights_only refuses,
+so only the weights are read: see load_file).
+"""
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(Exception):
+    """A weights file that cannot be used: the message names the problem and the fix."""
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file beside `path`, flush it to disk, then rename: a crash at any
+    moment leaves either the old complete file or the new complete file, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_file(path):
+    """torch.load(weights_only=True) with one-line errors instead of tracebacks."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; pass the path of a .pth file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} holds pickled Python objects, which torch.load(weights_only=True) refuses because "
+                f"unpickling can run arbitrary code; if you trust it, re-save only its state dicts "
+                f"(e.g. torch.save(torch.load(p, weights_only=False)['teacher'], 'teacher.pth'))") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({e})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
+
+
+def strip_prefixes(state_dict, prefixes=("module.", "_orig_mod.")):
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def backbone_state_dict(obj, key="teacher"):
+    """The backbone weights from any of: our checkpoint, an official checkpoint, a released backbone."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"expected a state dict or a checkpoint dict, found {type(obj).__name__}")
+    if key in obj and isinstance(obj[key], dict):
+        obj = obj[key]
+    elif any(k in obj for k in ("teacher", "student")):
+        raise CheckpointError(f"the checkpoint has no '{key}' entry (it has {sorted(obj)})")
+    sd = strip_prefixes(obj)
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if not all(torch.is_tensor(v) for v in sd.values()) or not sd:
+        raise CheckpointError("the file holds no tensors under the expected keys; is it a DINO checkpoint?")
+    return sd
+
+
+def load_strict(module, state_dict, what):
+    """load_state_dict(strict=True), with the mismatched keys or shapes named in one line."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state_dict and state_dict[k].shape != own[k].shape]
+
+    def show(keys):
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+    problems = ([f"missing keys: {show(missing)}"] if missing else []) + \
+               ([f"unexpected keys: {show(unexpected)}"] if unexpected else []) + \
+               ([f"shape mismatch (file vs model): {show(shapes)}"] if shapes else [])
+    if problems:
+        raise CheckpointError(f"{what} does not match the model ({'; '.join(problems)}); "
+                              f"check --arch, --patch_size and --out_dim")
+    module.load_state_dict(state_dict, strict=True)
+
+
+def save_json(obj, path):
+    """Small JSON results, written atomically like the checkpoints."""
+    import json
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
