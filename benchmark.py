@@ -44,8 +44,10 @@ def peak_tflops(device, precision):
     return next((v for k, v in PEAK_TFLOPS_16BIT.items() if k in name), None)
 
 
-def run(args, ctx, loader, device, precision, ncrops, rank):
+def run(ctx):
     import train
+    args, loader, device, precision, ncrops, rank = (ctx[k] for k in ("args", "loader", "device", "precision",
+                                                                      "ncrops", "rank"))
     B, n_steps = args.batch_size_per_gpu, args.benchmark or args.benchmark_data
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     epoch = args.freeze_last_layer  # past the frozen epochs, so the timed step updates every parameter
@@ -91,7 +93,7 @@ def run(args, ctx, loader, device, precision, ncrops, rank):
         line += f", MFU {100 * tflops / peak:.1f}% of {peak:.0f} TFLOP/s"
     if rank == 0:
         print(f"{args.arch}/{args.patch_size}, batch {B}, 2x{args.global_size} + {ncrops - 2}x{args.local_size} crops, "
-              f"K={args.out_dim}, {precision}, compile={'on' if args.compile or (args.compile is None and device.type == 'cuda') else 'off'}, "
+              f"K={args.out_dim}, {precision}, compile={'on' if ctx['compiled'] else 'off'}, "
               f"{'reference mode' if args.reference_mode else 'fast path'}, {device}")
         if args.benchmark_data:
             print(f"data loading: {100 * wait / dt:.1f}% of step time (waiting for the next batch)")

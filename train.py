@@ -12,6 +12,7 @@ clipping -> drop the last layer's gradients in the first epoch(s) -> optimizer s
 import argparse
 import contextlib
 import importlib
+import itertools
 import json
 import math
 import os
@@ -222,9 +223,11 @@ class EpochSampler(torch.utils.data.DistributedSampler):
     crops are drawn from a generator seeded by (seed, epoch, index): the same crops whatever the
     number of workers, and a resumed run sees exactly what an uninterrupted one would."""
 
+    skip = 0  # indices of this epoch already consumed before a resume
+
     def __iter__(self):
         n = len(self.dataset)
-        return (self.epoch * n + i for i in super().__iter__())
+        return (self.epoch * n + i for i in itertools.islice(super().__iter__(), self.skip, None))
 
 
 class SeededCrops(torch.utils.data.Dataset):
@@ -236,8 +239,9 @@ class SeededCrops(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = divmod(key, len(self.dataset))
-        torch.manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)  # ints hash to themselves: deterministic
-        return self.dataset[i]
+        with torch.random.fork_rng(devices=[]):  # leave the caller's generator as it was
+            torch.manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)  # a tuple of ints hashes the same every run
+            return self.dataset[i]
 
 
 def ignore_sigint(_):
@@ -256,9 +260,9 @@ def train_step(batch, it, epoch, ctx):
     student, teacher, teacher_raw, loss_fn, optimizer, scaler, sched, args = (
         ctx[k] for k in ("student", "teacher", "teacher_raw", "loss_fn", "optimizer", "scaler", "sched", "args"))
     for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = sched["lr"][it]
+        group["lr"] = float(sched["lr"][it])  # plain floats: the checkpoint must load with weights_only
         if i == 0:  # only the weight matrices are regularised
-            group["weight_decay"] = sched["wd"][it]
+            group["weight_decay"] = float(sched["wd"][it])
     with ctx["autocast"]:
         teacher_output = teacher(batch[:2])  # (2B, K): the teacher sees only the global crops
         student_output = student(batch)  # (V B, K)
@@ -333,8 +337,20 @@ class Stop:
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint...", file=sys.stderr)
 
+    def agreed(self, log_point, device):
+        """One process decides alone, at every step; several agree at log points, so all stop at the same step."""
+        if not dist.is_initialized():
+            return self.requested
+        if not log_point:
+            return False
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
-def main(args):
+
+def setup(args):
+    """Everything training needs, in a dict: device, data, models, loss, optimizer, schedules, and the
+    state of a resumed run. Used by main() and, piece by piece, by the tests and notebooks."""
     rank, world, local_rank = init_distributed()
     device = pick_device(local_rank)
     cuda = device.type == "cuda"
@@ -354,8 +370,6 @@ def main(args):
         except OSError as e:
             raise UsageError(f"cannot write to --output_dir {out} ({e.strerror}); choose a writable directory "
                              f"with free space") from None
-        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-        ckpt.save_json(vars(args), out / "config.json")
 
     # data: one sample = the list of 2 + N crops of one image
     transform = multicrop.DataAugmentationDINO(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
@@ -392,25 +406,24 @@ def main(args):
         "wd": ema.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter),
         "momentum": ema.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter),
     }
-    start_epoch, log_rows = 0, []
+    start_epoch, start_step, log_rows = 0, 0, []
     resume = out / "checkpoint.pth" if args.resume == "auto" else (None if args.resume == "none" else Path(args.resume))
     if resume is not None and (resume.exists() or args.resume != "auto") and not benchmarking:
         state = ckpt.load_file(resume)
-        if not isinstance(state, dict) or not {"student", "teacher", "optimizer", "epoch"} <= set(state):
+        if not isinstance(state, dict) or not {"student", "teacher", "optimizer", "dino_loss", "epoch"} <= set(state):
             raise ckpt.CheckpointError(f"{resume} is not a train.py checkpoint (needs student, teacher, optimizer, "
-                                       f"epoch); use 06_knn.py --pretrained for backbone files")
+                                       f"dino_loss, epoch); 06_knn.py and 07_attention.py take backbone files")
         ckpt.load_strict(student, state["student"], f"{resume} (student)")
         ckpt.load_strict(teacher, state["teacher"], f"{resume} (teacher)")
         ckpt.load_strict(loss_fn, state["dino_loss"], f"{resume} (dino_loss)")
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"]
+        start_epoch, start_step = state["epoch"], state.get("step", 0)
         log_file = out / "log.txt"
-        log_rows = [json.loads(l) for l in log_file.read_text().splitlines() if l.strip()] if log_file.exists() else []
+        log_rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] \
+            if log_file.exists() else []
         log_rows = [r for r in log_rows if r["epoch"] < start_epoch]
-        if rank == 0:
-            print(f"resumed from {resume} at epoch {start_epoch}")
     teacher_raw = teacher
     if use_compile:  # in place: state-dict keys stay the same; one graph per crop resolution
         for m in (student.backbone, student.head, teacher.backbone, teacher.head):
@@ -418,65 +431,94 @@ def main(args):
     if world > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if cuda else None)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    ctx = dict(student=student, teacher=teacher, teacher_raw=teacher_raw, loss_fn=loss_fn, optimizer=optimizer,
-               scaler=scaler, sched=sched, args=args,
-               autocast=torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext())
+    return dict(student=student, teacher=teacher, teacher_raw=teacher_raw, loss_fn=loss_fn, optimizer=optimizer,
+                scaler=scaler, sched=sched, args=args, dtype=dtype, precision=precision, compiled=use_compile,
+                autocast=torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
+                loader=loader, sampler=sampler, niter=niter, ncrops=ncrops, workers=workers, device=device,
+                rank=rank, world=world, out=out, start_epoch=start_epoch, start_step=start_step, log_rows=log_rows,
+                resumed_from=resume if start_epoch or start_step else None)
 
-    if benchmarking:
+
+def main(args):
+    ctx = setup(args)
+    rank, out, loss_fn = ctx["rank"], ctx["out"], ctx["loss_fn"]
+    if args.benchmark or args.benchmark_data:
         import benchmark
-        return benchmark.run(args, ctx, loader, device, precision, ncrops, rank)
-
-    stop = Stop()
+        return benchmark.run(ctx)
     if rank == 0:
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
-    last_good = out / "checkpoint.pth"
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        seed_everything(args.seed + 1000 * epoch + rank)  # drop path draws: same with or without a resume
-        student.train()
-        row = train_one_epoch(loader, epoch, niter, ctx, device, rank, stop)
-        if row is None:  # a non-finite loss
+        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+        print(f"device {ctx['device']}, precision {ctx['precision']}, compile {ctx['compiled']}, "
+              f"{ctx['world']} process(es), {ctx['niter']} iterations per epoch")
+        ckpt.save_json(vars(args), out / "config.json")
+        if ctx["resumed_from"]:
+            print(f"resumed from {ctx['resumed_from']} at epoch {ctx['start_epoch']}, iteration {ctx['start_step']}")
+    stop = Stop()
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return fit(ctx, stop)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def fit(ctx, stop):
+    args, rank, out, loss_fn, niter = ctx["args"], ctx["rank"], ctx["out"], ctx["loss_fn"], ctx["niter"]
+    log_rows, epoch, step = ctx["log_rows"], ctx["start_epoch"], ctx["start_step"]
+    while epoch < args.epochs:
+        ctx["sampler"].set_epoch(epoch)
+        ctx["sampler"].skip = step * args.batch_size_per_gpu  # a run stopped mid-epoch resumes at its next batch
+        ctx["student"].train()
+        row = train_one_epoch(epoch, step, ctx, stop)
+        if row is None:  # a non-finite loss: stop before anything is written
             return 1
-        row.update(epoch=epoch, out_dim=args.out_dim, teacher_temp=loss_fn.teacher_temp(epoch))
-        interrupted = stop.requested
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs) and not interrupted:
-            res = knn.evaluate(teacher_raw.backbone, args.data_path, args.global_size, device, (20,),
-                               batch_size=256, num_workers=workers, dtype=dtype)
+        step += row["steps"]
+        done = step == niter
+        if done and args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            res = knn.evaluate(ctx["teacher_raw"].backbone, args.data_path, args.global_size, ctx["device"], (20,),
+                               batch_size=256, num_workers=ctx["workers"], dtype=ctx["dtype"])
             row["knn_top1"], row["knn_top5"] = res[20]
-        state = {"student": unwrap(student).state_dict(), "teacher": teacher_raw.state_dict(),
-                 "optimizer": optimizer.state_dict(), "dino_loss": loss_fn.state_dict(),
-                 "epoch": epoch + 1, "args": vars(args), "scaler": scaler.state_dict()}
+        state = {"student": unwrap(ctx["student"]).state_dict(), "teacher": ctx["teacher_raw"].state_dict(),
+                 "optimizer": ctx["optimizer"].state_dict(), "dino_loss": loss_fn.state_dict(),
+                 "epoch": epoch + 1 if done else epoch, "step": 0 if done else step,
+                 "args": vars(args), "scaler": ctx["scaler"].state_dict()}
         if rank == 0:
             ckpt.save_atomic(state, out / "checkpoint.pth")
-            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+            if done and args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
                 ckpt.save_atomic(state, out / f"checkpoint{epoch + 1:04d}.pth")
-            log_rows.append(row)
-            with open(out / "log.txt", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            plot_curves(log_rows, out / "curves.png")
-            knn_str = f", k-NN {row['knn_top1']:.1f}%" if "knn_top1" in row else ""
-            print(f"epoch {epoch}: loss {row['loss']:.4f}, h(P_t) {row['entropy']:.3f}, KL {row['kl']:.3f}"
-                  f"{knn_str}, {row['img_per_s']:.0f} img/s")
-            msg = collapse_message(row["entropy"], row["kl"], args.out_dim)
-            if msg:
-                print(msg, file=sys.stderr)
-        if interrupted:
+            if done:
+                row.update(epoch=epoch, out_dim=args.out_dim, teacher_temp=loss_fn.teacher_temp(epoch))
+                log_rows.append(row)
+                with open(out / "log.txt", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                plot_curves(log_rows, out / "curves.png")
+                knn_str = f", k-NN top-1 {row['knn_top1']:.1f}%" if "knn_top1" in row else ""
+                print(f"epoch {epoch}: loss {row['loss']:.4f}, h(P_t) {row['entropy']:.3f}, KL {row['kl']:.3f}"
+                      f"{knn_str}, {row['img_per_s']:.0f} img/s")
+                msg = collapse_message(row["entropy"], row["kl"], args.out_dim)
+                if msg:
+                    print(msg, file=sys.stderr)
+        if not done or stop.requested:  # stopped by a signal
             if rank == 0:
-                print(f"stopped after epoch {epoch}; checkpoint saved to {last_good}; run the same command to resume")
+                print(f"stopped at iteration {step}/{niter} of epoch {epoch}; saved {out / 'checkpoint.pth'}; "
+                      f"the same command resumes", file=sys.stderr)
             return 0
+        epoch, step = epoch + 1, 0
     return 0
 
 
-def train_one_epoch(loader, epoch, niter, ctx, device, rank, stop):
+def train_one_epoch(epoch, start_step, ctx, stop):
+    """Iterations start_step.. of one epoch; returns the epoch's means, or None on a non-finite loss."""
     from tqdm import tqdm
-    args, sched = ctx["args"], ctx["sched"]
+    args, sched, device, niter, rank = ctx["args"], ctx["sched"], ctx["device"], ctx["niter"], ctx["rank"]
     sums = {k: torch.zeros((), device=device) for k in ("loss", "entropy", "kl")}
     first_bad = torch.full((), -1, device=device)
     n, t0 = 0, time.perf_counter()
-    bar = tqdm(total=niter, desc=f"epoch {epoch}", disable=rank != 0, leave=False, dynamic_ncols=True)
-    for i, (crops, _) in enumerate(loader):
+    bar = tqdm(total=niter, initial=start_step, desc=f"epoch {epoch}", disable=rank != 0, leave=False,
+               dynamic_ncols=True)
+    for i, (crops, _) in enumerate(ctx["loader"], start=start_step):
         it = epoch * niter + i
+        # stochastic depth draws seeded by the iteration: a resumed run makes the same ones
+        torch.manual_seed(hash((args.seed, ctx["rank"], it)) % 2 ** 62)
         crops = [c.to(device, non_blocking=True) for c in crops]
         loss, diag = train_step(crops, it, epoch, ctx)
         # remember the first non-finite step without a host sync; it is checked at each log point
@@ -484,31 +526,30 @@ def train_one_epoch(loader, epoch, niter, ctx, device, rank, stop):
         for k, v in (("loss", loss), ("entropy", diag["entropy"]), ("kl", diag["kl"])):
             sums[k] += v
         n += 1
-        last = i + 1 == niter or stop.requested
-        if (i + 1) % args.log_freq == 0 or last:
+        log_point = (i + 1) % args.log_freq == 0 or i + 1 == niter
+        if log_point:
             if first_bad.item() >= 0:
-                step = int(first_bad.item())
-                print(f"\nerror: the loss is not finite at iteration {step} (epoch {epoch}). Likely causes: fp16 with "
-                      f"small patches (use --precision bf16 or fp32), a too high --lr, or --teacher_temp above 0.07. "
-                      f"The last good checkpoint is {Path(args.output_dir) / 'checkpoint.pth'} "
+                print(f"\nerror: the loss is not finite at iteration {int(first_bad.item())} (epoch {epoch}). Likely "
+                      f"causes: fp16 with small patches (use --precision bf16 or fp32), a too high --lr, or "
+                      f"--teacher_temp above 0.07. The last good checkpoint is {ctx['out'] / 'checkpoint.pth'} "
                       f"(nothing was written after the failure).", file=sys.stderr)
                 return None
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{sums['loss'].item() / n:.4f}", lr=f"{sched['lr'][it]:.2e}",
-                            img_s=f"{n * args.batch_size_per_gpu / dt:.0f}")
+                            img_s=f"{n * args.batch_size_per_gpu * ctx['world'] / dt:.0f}")
             bar.update((i + 1) - bar.n)
-        if stop.requested:
+        if stop.agreed(log_point, device):
             break
     bar.close()
     dt = time.perf_counter() - t0
     it = epoch * niter + i
-    row = {k: (v / n).item() for k, v in sums.items()}
+    means = torch.stack([sums["loss"], sums["entropy"], sums["kl"]]) / n
     if dist.is_initialized():  # the epoch's numbers over all processes
-        t = torch.tensor([row["loss"], row["entropy"], row["kl"]], device=device)
-        dist.all_reduce(t)
-        row.update(zip(("loss", "entropy", "kl"), (t / dist.get_world_size()).tolist()))
+        dist.all_reduce(means)
+        means /= dist.get_world_size()
+    row = dict(zip(("loss", "entropy", "kl"), means.tolist()))
     row.update(lr=float(sched["lr"][it]), wd=float(sched["wd"][it]), momentum=float(sched["momentum"][it]),
-               steps=n, img_per_s=n * args.batch_size_per_gpu * (dist.get_world_size() if dist.is_initialized() else 1) / dt)
+               steps=n, img_per_s=n * args.batch_size_per_gpu * ctx["world"] / dt)
     return row
 
 

@@ -1,0 +1,154 @@
+"""Self-attention maps of the CLS token (paper Sec. 4.2.1 and Fig. 1, 3; official visualize_attention.py).
+
+    A^h = softmax(q_cls^h k^h^T / sqrt(d))[1:]           last block, head h, the CLS query over the patches
+    a^h = A^h / sum A^h                                 renormalised over patches (the CLS's own share removed)
+    M^h(t) = smallest set of patches with sum a^h >= t  the "threshold" view, t = 0.6 in Fig. 3
+
+Nothing in DINO's training asks for segmentation, yet the last block's CLS attention separates
+objects from background, each head attending to different parts.
+
+Departures: the maps are renormalised over the patches (the official figure shows raw weights,
+whose sum is 1 minus the CLS's attention to itself); the same smallest-set thresholding.
+
+Usage:
+    python 07_attention.py --checkpoint OUT/checkpoint.pth --image IMG --output_dir DIR [--threshold 0.6]
+    python 07_attention.py --pretrained dino_deitsmall8_pretrain.pth --arch vit_small --patch_size 8
+"""
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+
+import checkpoint as ckpt
+import data
+
+multicrop = importlib.import_module("01_multicrop")
+knn = importlib.import_module("06_knn")
+
+
+def image_tensor(image, image_size):
+    """Resize the shorter side to image_size, normalise, crop to a multiple of the patch size later."""
+    tf = transforms.Compose([
+        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(multicrop.IMAGENET_MEAN, multicrop.IMAGENET_STD),
+    ])
+    return tf(image.convert("RGB"))
+
+
+@torch.no_grad()
+def attention_maps(model, img, patch_size):
+    """CLS-to-patch attention of the last block, per head: (H, h/p, w/p), each map summing to one.
+    `img` is (3, h, w); it is cropped to a multiple of the patch size first."""
+    h, w = img.shape[1] - img.shape[1] % patch_size, img.shape[2] - img.shape[2] % patch_size
+    model.eval()
+    attn = model.get_last_selfattention(img[None, :, :h, :w])  # (1, H, N, N)
+    cls_to_patches = attn[0, :, 0, 1:]  # (H, N-1)
+    maps = cls_to_patches / cls_to_patches.sum(dim=1, keepdim=True)
+    return maps.reshape(-1, h // patch_size, w // patch_size)
+
+
+def threshold_masks(maps, threshold=0.6):
+    """Per head, the smallest set of patches whose attention adds up to at least `threshold`."""
+    flat = maps.flatten(1)  # (H, n)
+    val, idx = flat.sort(dim=1, descending=True)
+    before = val.cumsum(dim=1) - val  # mass of the strictly larger patches
+    keep_sorted = before < threshold  # a patch is kept while the mass before it is not yet enough
+    mask = torch.zeros_like(keep_sorted).scatter(1, idx, keep_sorted)
+    return mask.reshape(maps.shape)
+
+
+def upsample(maps, patch_size):
+    return F.interpolate(maps[None].float(), scale_factor=patch_size, mode="nearest")[0]
+
+
+def save_figure(img, maps, patch_size, path, threshold=None, title=""):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    H = maps.shape[0]
+    shown = multicrop.denormalize(img[:, :maps.shape[1] * patch_size, :maps.shape[2] * patch_size])
+    up = upsample(maps, patch_size)
+    masks = upsample(threshold_masks(maps, threshold), patch_size) if threshold else None
+    fig, axes = plt.subplots(1, H + 2, figsize=(2.2 * (H + 2), 2.6))
+    axes[0].imshow(shown), axes[0].set_title("image")
+    for i in range(H):
+        axes[i + 1].imshow(up[i], cmap="inferno"), axes[i + 1].set_title(f"head {i}")
+        if masks is not None:
+            axes[i + 1].contour(masks[i], levels=[0.5], colors="cyan", linewidths=0.8)
+    axes[-1].imshow(up.mean(0), cmap="inferno"), axes[-1].set_title("mean of heads")
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return up, masks
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("DINO self-attention maps")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
+    src.add_argument("--pretrained", help="an official released backbone or full official checkpoint")
+    src.add_argument("--random_init", action="store_true", help="an untrained network, for comparison")
+    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
+    p.add_argument("--arch", default="vit_small", help="for --pretrained / --random_init")
+    p.add_argument("--patch_size", "--patch", type=int, default=8)
+    p.add_argument("--image", default=None,
+                   help="an image file; default: a photograph shipped with matplotlib; 'shapes:N' for image N "
+                        "of the embedded dataset's val split")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="shorter side in pixels; default: the checkpoint's global crop size, else 480")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="also outline the smallest set of patches holding this share of each head's attention")
+    p.add_argument("--output_dir", default="attention")
+    return p
+
+
+def load_image(spec):
+    if spec is None:
+        return multicrop.sample_image(), "sample photograph"
+    if spec.startswith("shapes:"):
+        ds = data.ShapesDataset("val", per_class=max(1, int(spec.split(":")[1]) // len(data.SHAPES) + 1))
+        img, y = ds[int(spec.split(":")[1])]
+        return img, f"shapes val image ({data.SHAPES[y]})"
+    try:
+        return Image.open(spec), spec
+    except OSError as e:
+        raise data.DataError(f"cannot read image {spec} ({e}); pass a JPEG or PNG file") from None
+
+
+def main(args):
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise data.DataError(f"--threshold must lie in (0, 1], got {args.threshold}")
+    args.output_dir, out_dir = None, Path(args.output_dir)  # 06_knn's builder reads output_dir
+    image_size = args.image_size
+    model, trained_size, _ = knn.build_backbone(args)
+    image_size = image_size or (trained_size if args.checkpoint else 480)
+    image, what = load_image(args.image)
+    img = image_tensor(image, image_size)
+    maps = attention_maps(model, img, args.patch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = f"{args.arch}/{args.patch_size}, {what}, last block CLS attention"
+    up, masks = save_figure(img, maps, args.patch_size, out_dir / "attention.png", args.threshold, title)
+    import matplotlib.pyplot as plt
+    for i in range(len(up)):
+        plt.imsave(out_dir / f"attn-head{i}.png", up[i].numpy(), cmap="inferno")
+    kept = "" if masks is None else f"; threshold {args.threshold}: {masks.flatten(1).mean(1).mul(100).round().tolist()}% of the image kept per head"
+    print(f"{maps.shape[0]} heads, {maps.shape[1]}x{maps.shape[2]} patches; saved {out_dir / 'attention.png'}{kept}")
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except (data.DataError, ckpt.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

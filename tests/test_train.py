@@ -1,0 +1,125 @@
+"""train.py end to end on tiny settings: the loop's rules, checkpoints, resume, bad input."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, load
+
+train = load("train")
+ckpt = load("checkpoint")
+data = load("data")
+ema_mod = load("05_teacher_ema")
+
+TINY = ["--arch", "vit_nano", "--patch_size", "8", "--global_size", "16", "--local_size", "8",
+        "--local_crops_number", "2", "--out_dim", "32", "--batch_size_per_gpu", "4", "--epochs", "2",
+        "--warmup_epochs", "1", "--num_workers", "0", "--drop_path_rate", "0.1", "--log_freq", "2"]
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """A tiny ImageFolder (train/ and val/) of shapes images."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.RandomState(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for label in (0, 1):
+            d = root / split / data.SHAPES[label]
+            d.mkdir(parents=True)
+            for i in range(n):
+                data.draw_shape(rng, label, 32).save(d / f"{i}.png")
+    return root
+
+
+def run(argv):
+    return train.main(train.parse_args(argv))
+
+
+def test_schedules_and_param_groups_follow_official_rules():
+    args = train.parse_args(TINY + ["--data_path", "shapes"])
+    student, teacher = train.build_models(args)
+    groups = train.params_groups(student)
+    named = dict(student.named_parameters())
+    no_decay = {n for n, p in named.items() if any(p is q for q in groups[1]["params"])}
+    assert groups[1]["weight_decay"] == 0.0
+    assert all(n.endswith(".bias") or named[n].ndim == 1 for n in no_decay)
+    assert {"backbone.cls_token", "backbone.pos_embed", "backbone.blocks.0.attn.qkv.weight"}.isdisjoint(no_decay)
+    assert "head.last_layer.weight_g" not in no_decay and not named["head.last_layer.weight_g"].requires_grad
+    # the teacher: same weights, no stochastic depth, no gradients
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
+    assert student.backbone.blocks[-1].drop_path.drop_prob > 0 and teacher.backbone.blocks[-1].drop_path.drop_prob == 0
+
+
+def test_per_parameter_clipping_and_frozen_last_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    model[0].weight.grad = torch.full((3, 3), 10.0)  # norm 30 -> clipped to 3
+    model[0].bias.grad = torch.tensor([0.1, 0.0, 0.0])  # norm 0.1 -> untouched
+    model[1].weight.grad = torch.ones(1, 3) * 1.5  # norm 2.6 -> untouched
+    model[1].bias.grad = None
+    train.clip_gradients(model, 3.0)
+    assert model[0].weight.grad.norm().item() == pytest.approx(3.0, rel=1e-5)
+    assert torch.equal(model[0].bias.grad, torch.tensor([0.1, 0.0, 0.0]))
+    assert model[1].weight.grad.norm().item() == pytest.approx(1.5 * math.sqrt(3), rel=1e-6)
+    head = load("03_head").DINOHead(4, 8, hidden_dim=8, bottleneck_dim=4, norm_last_layer=False)
+    head(torch.randn(2, 4)).sum().backward()
+    train.cancel_gradients_last_layer(0, head, freeze_last_layer=1)
+    assert head.last_layer.weight_v.grad is None and head.mlp[0].weight.grad is not None
+    head(torch.randn(2, 4)).sum().backward()
+    train.cancel_gradients_last_layer(1, head, freeze_last_layer=1)
+    assert head.last_layer.weight_v.grad is not None
+
+
+def test_one_step_moves_teacher_by_exactly_the_ema_rule(folder, tmp_path):
+    args = train.parse_args(TINY + ["--data_path", str(folder), "--output_dir", str(tmp_path), "--resume", "none"])
+    ctx = train.setup(args)
+    crops, _ = next(iter(ctx["loader"]))
+    assert [tuple(c.shape) for c in crops] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
+    teacher_before = [p.clone() for p in ctx["teacher"].parameters()]
+    loss, diag = train.train_step(crops, 0, 1, ctx)
+    m = ctx["sched"]["momentum"][0]
+    for t0, t, s in zip(teacher_before, ctx["teacher"].parameters(), ctx["student"].parameters()):
+        assert torch.allclose(t, m * t0 + (1 - m) * s.detach(), atol=1e-7)
+    assert math.isfinite(loss.item()) and torch.allclose(diag["entropy"] + diag["kl"], loss)
+    assert ctx["optimizer"].param_groups[0]["lr"] == ctx["sched"]["lr"][0] == 0.0  # warm-up starts from 0
+
+
+def stop_after(monkeypatch, k):
+    """Make the k-th step look like the one during which Ctrl-C arrived."""
+    calls = {"n": 0}
+
+    def agreed(self, log_point, device):
+        calls["n"] += 1
+        self.requested = self.requested or calls["n"] == k
+        return self.requested
+
+    monkeypatch.setattr(train.Stop, "agreed", agreed)
+
+
+@pytest.mark.parametrize("stop_step", [4, 3])  # mid-epoch, and at the end of the first epoch
+def test_end_to_end_checkpoint_log_and_resume_is_bit_identical(folder, tmp_path, capsys, monkeypatch, stop_step):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(TINY + ["--data_path", str(folder), "--output_dir", str(a), "--saveckp_freq", "1"]) == 0
+    with monkeypatch.context() as mp:
+        stop_after(mp, stop_step)
+        assert run(TINY + ["--data_path", str(folder), "--output_dir", str(b)]) == 0
+    interrupted = torch.load(b / "checkpoint.pth", weights_only=True)
+    assert (interrupted["epoch"], interrupted["step"]) == divmod(stop_step, 3)
+    assert run(TINY + ["--data_path", str(folder), "--output_dir", str(b)]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    sa = torch.load(a / "checkpoint.pth", weights_only=True)
+    sb = torch.load(b / "checkpoint.pth", weights_only=True)
+    for key in ("student", "teacher", "dino_loss"):
+        for k in sa[key]:
+            assert torch.equal(sa[key][k], sb[key][k]), f"{key}.{k} differs after resume"
+    assert sa["epoch"] == 2 and isinstance(sa["args"], dict)
+    assert (a / "checkpoint0001.pth").exists() and (a / "checkpoint0002.pth").exists()
+    rows = [json.loads(line) for line in (a / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in map(json.loads, (b / "log.txt").read_text().splitlines())] == [0, 1]
+    for r in rows:
+        assert {"loss", "lr", "wd", "momentum", "teacher_temp", "entropy", "kl", "img_per_s"} <= set(r)
+        assert r["loss"] == pytest.approx(r["entropy"] + r["kl"], rel=1e-4)
+    assert (a / "curves.png").exists() and json.loads((a / "config.json").read_text())["out_dim"] == 32
