@@ -42,12 +42,13 @@ def load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path} holds pickled Python objects, which torch.load(weights_only=True) refuses because "
                 f"unpickling can run arbitrary code; if you trust it, re-save only its state dicts "
                 f"(e.g. torch.save(torch.load(p, weights_only=False)['teacher'], 'teacher.pth'))") from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({e})") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it does not unpickle); pass a .pth file "
+                              f"written by torch.save") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]})") from None

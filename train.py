@@ -359,16 +359,16 @@ def setup(args):
     precision = args.precision if args.precision != "auto" else ("bf16" if cuda else "fp32")
     use_compile = cuda if args.compile is None else args.compile
     check_args(args)
-    seed_everything(args.seed + rank)
+    seed_everything(args.seed)  # the same initial weights on every rank: the teacher is copied before DDP
     out = Path(args.output_dir)
     benchmarking = args.benchmark or args.benchmark_data
     if rank == 0 and not benchmarking:
-        out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
         try:  # fail now, not after an epoch of training
+            out.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"0" * (1 << 20)), probe.unlink()
         except OSError as e:
-            raise UsageError(f"cannot write to --output_dir {out} ({e.strerror}); choose a writable directory "
+            raise UsageError(f"cannot write to --output_dir {out} ({e.strerror or e}); choose a writable directory "
                              f"with free space") from None
 
     # data: one sample = the list of 2 + N crops of one image
