@@ -15,6 +15,7 @@ Departures:
 - Attention runs through F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
   the explicit softmax is computed only where the attention matrix is wanted
   (get_last_selfattention). Same maths, same weights.
+- The patch embedding keeps the official convolution's weights but runs as a matrix product.
 - No classifier head and no dropout: DINO uses neither.
 
 Shapes: B batch, N tokens (1 + patches), D width, H heads.
@@ -96,16 +97,25 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Cut the image into p x p patches and embed each linearly (a stride-p convolution)."""
+    """Cut the image into p x p patches and embed each linearly: x_p E."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
         super().__init__()
         self.patch_size = patch_size
         self.num_patches = (img_size // patch_size) ** 2
+        # E is stored as the official stride-p convolution (same weights, same keys)...
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.fused = True  # False: run the convolution itself (train.py --reference_mode)
 
     def forward(self, x):
-        return rearrange(self.proj(x), "b d h w -> b (h w) d")  # (B, N-1, D)
+        p = self.patch_size
+        if not self.fused:
+            return rearrange(self.proj(x), "b d h w -> b (h w) d")
+        # ...but applied as one matrix product over flattened patches: the same numbers, and on GPU
+        # in bf16 several times faster than the convolution kernel
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        patches = rearrange(x[..., :h * p, :w * p], "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, N-1, D)
 
 
 class VisionTransformer(nn.Module):

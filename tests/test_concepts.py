@@ -103,6 +103,16 @@ def test_pos_embed_interpolation_is_identity_at_training_size_and_bicubic_elsewh
     assert torch.equal(out[:, 0], m.pos_embed[:, 0])
 
 
+@pytest.mark.parametrize("hw", [(32, 32), (36, 44)])
+def test_patch_embedding_as_matmul_equals_the_convolution(hw):
+    pe = vit_mod.PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=16)
+    x = torch.randn(2, 3, *hw)
+    fast = pe(x)
+    pe.fused = False
+    assert fast.shape == (2, (hw[0] // 8) * (hw[1] // 8), 16)
+    assert torch.allclose(fast, pe(x), atol=1e-5)
+
+
 def test_vit_state_dict_keys_are_official():
     keys = set(vit_mod.vit_small(patch_size=16).state_dict())
     expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
