@@ -123,3 +123,20 @@ def test_end_to_end_checkpoint_log_and_resume_is_bit_identical(folder, tmp_path,
         assert {"loss", "lr", "wd", "momentum", "teacher_temp", "entropy", "kl", "img_per_s"} <= set(r)
         assert r["loss"] == pytest.approx(r["entropy"] + r["kl"], rel=1e-4)
     assert (a / "curves.png").exists() and json.loads((a / "config.json").read_text())["out_dim"] == 32
+
+
+def test_backbone_and_head_compile_without_graph_breaks_and_match_eager():
+    """What train.py compiles on CUDA, compiled here once on CPU (fullgraph: a graph break is an error)."""
+    torch.manual_seed(0)
+    vits, heads = load("02_vit"), load("03_head")
+    backbone = vits.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, qkv_bias=True)
+    head = heads.DINOHead(32, 16, hidden_dim=32, bottleneck_dim=8)
+    x = torch.randn(4, 3, 16, 24)  # non-square: position embeddings are interpolated inside the graph
+    eager = head(backbone(x))
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in backbone.parameters()]
+    backbone.zero_grad()
+    compiled = torch.compile(head, fullgraph=True)(torch.compile(backbone, fullgraph=True)(x))
+    compiled.sum().backward()
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(backbone.parameters(), grads))
