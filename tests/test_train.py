@@ -140,3 +140,11 @@ def test_backbone_and_head_compile_without_graph_breaks_and_match_eager():
     compiled.sum().backward()
     assert torch.allclose(compiled, eager, atol=1e-5)
     assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(backbone.parameters(), grads))
+
+
+def test_collapse_is_named_in_plain_words():
+    K = 1024
+    assert "uniform" in train.collapse_message(math.log(K) * 0.99, 0.001, K)
+    assert "one dimension dominates" in train.collapse_message(0.05, 0.001, K)
+    assert train.collapse_message(3.0, 1.5, K) is None  # healthy: KL clearly positive
+    assert train.collapse_message(math.log(K) * 0.99, 1.0, K) is None  # uniform teacher, but the student disagrees
