@@ -263,8 +263,8 @@ def seed_everything(seed):
 # ---------------------------------------------------------------------------- one step
 def train_step(batch, it, epoch, ctx):
     """One DINO iteration (Algorithm 1). Returns the loss and diagnostics as tensors: no host sync."""
-    student, teacher, teacher_raw, loss_fn, optimizer, scaler, sched, args = (
-        ctx[k] for k in ("student", "teacher", "teacher_raw", "loss_fn", "optimizer", "scaler", "sched", "args"))
+    student, teacher, loss_fn, optimizer, scaler, sched, args = (
+        ctx[k] for k in ("student", "teacher", "loss_fn", "optimizer", "scaler", "sched", "args"))
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = float(sched["lr"][it])  # plain floats: the checkpoint must load with weights_only
         if i == 0:  # only the weight matrices are regularised
@@ -281,7 +281,7 @@ def train_step(batch, it, epoch, ctx):
     cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
     scaler.step(optimizer)
     scaler.update()
-    ema.ema_update(teacher_raw, unwrap(student), sched["momentum"][it])
+    ema.ema_update(teacher, unwrap(student), sched["momentum"][it])
     return loss.detach(), diag
 
 
@@ -432,14 +432,13 @@ def setup(args):
         log_rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] \
             if log_file.exists() else []
         log_rows = [r for r in log_rows if r["epoch"] < start_epoch]
-    teacher_raw = teacher
     if use_compile:  # in place: state-dict keys stay the same; one graph per crop resolution
         for m in (student.backbone, student.head, teacher.backbone, teacher.head):
             m.compile(dynamic=False)
     if world > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if cuda else None)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return dict(student=student, teacher=teacher, teacher_raw=teacher_raw, loss_fn=loss_fn, optimizer=optimizer,
+    return dict(student=student, teacher=teacher, loss_fn=loss_fn, optimizer=optimizer,
                 scaler=scaler, sched=sched, args=args, dtype=dtype, precision=precision, compiled=use_compile,
                 autocast=torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
                 loader=loader, sampler=sampler, niter=niter, ncrops=ncrops, workers=workers, device=device,
@@ -482,10 +481,10 @@ def fit(ctx, stop):
         step += row["steps"]
         done = step == niter
         if done and args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            res = knn.evaluate(ctx["teacher_raw"].backbone, args.data_path, args.global_size, ctx["device"], (20,),
+            res = knn.evaluate(ctx["teacher"].backbone, args.data_path, args.global_size, ctx["device"], (20,),
                                batch_size=256, num_workers=ctx["workers"], dtype=ctx["dtype"])
             row["knn_top1"], row["knn_top5"] = res[20]
-        state = {"student": unwrap(ctx["student"]).state_dict(), "teacher": ctx["teacher_raw"].state_dict(),
+        state = {"student": unwrap(ctx["student"]).state_dict(), "teacher": ctx["teacher"].state_dict(),
                  "optimizer": ctx["optimizer"].state_dict(), "dino_loss": loss_fn.state_dict(),
                  "epoch": epoch + 1 if done else epoch, "step": 0 if done else step,
                  "args": vars(args), "scaler": ctx["scaler"].state_dict()}

@@ -26,7 +26,7 @@ def main(argv, result_path, steps):
     torch.set_num_threads(1)
     ctx = train.setup(train.parse_args(argv))
     assert dist.is_initialized() and dist.get_world_size() == 2
-    loss_fn, teacher = ctx["loss_fn"], ctx["teacher_raw"]
+    loss_fn, teacher = ctx["loss_fn"], ctx["teacher"]
     batches = iter(ctx["loader"])
     for it in range(steps):
         crops, _ = next(batches)
