@@ -50,7 +50,7 @@ class DINOHead(nn.Module):
             layers.append(nn.Linear(a, b))
             if i < nlayers - 1:
                 layers += [nn.BatchNorm1d(b), nn.GELU()] if use_bn else [nn.GELU()]
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = nn.Sequential(*layers) if nlayers > 1 else layers[0]  # official keys: mlp.weight when 1 layer
         self.mlp.apply(self._init_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
 

@@ -144,6 +144,7 @@ def test_head_keys_and_unit_prototypes():
     out = head(torch.randn(5, 32))
     assert out.shape == (5, 100) and out.abs().max() <= 1 + 1e-6
     assert head_mod.DINOHead(32, 100, norm_last_layer=False).last_layer.weight_g.requires_grad
+    assert list(head_mod.DINOHead(32, 100, nlayers=1, bottleneck_dim=16).state_dict())[:2] == ["mlp.weight", "mlp.bias"]
 
 
 def test_head_weight_norm_matches_torch_reference():
