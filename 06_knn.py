@@ -147,7 +147,7 @@ def build_backbone(args):
     model = vits.ARCHS[args.arch](patch_size=args.patch_size, img_size=image_size)
     if source is not None:
         sd = ckpt.backbone_state_dict(source, args.checkpoint_key)
-        if sd["pos_embed"].shape != model.pos_embed.shape and "pos_embed" in sd:  # trained at another size
+        if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:  # trained at another size
             model = vits.ARCHS[args.arch](patch_size=args.patch_size,
                                           img_size=int(round((sd["pos_embed"].shape[1] - 1) ** 0.5)) * args.patch_size)
         ckpt.load_strict(model, sd, args.checkpoint or args.pretrained)

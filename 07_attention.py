@@ -128,10 +128,9 @@ def load_image(spec):
 def main(args):
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise data.DataError(f"--threshold must lie in (0, 1], got {args.threshold}")
-    args.output_dir, out_dir = None, Path(args.output_dir)  # 06_knn's builder reads output_dir
-    image_size = args.image_size
-    model, trained_size, _ = knn.build_backbone(args)
-    image_size = image_size or (trained_size if args.checkpoint else 480)
+    out_dir = Path(args.output_dir)
+    model, size, _ = knn.build_backbone(args)  # size: --image_size, else the checkpoint's crop size, else 224
+    image_size = size if args.image_size or args.checkpoint else 480
     image, what = load_image(args.image)
     img = image_tensor(image, image_size)
     maps = attention_maps(model, img, args.patch_size)

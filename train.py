@@ -448,7 +448,7 @@ def setup(args):
 
 def main(args):
     ctx = setup(args)
-    rank, out, loss_fn = ctx["rank"], ctx["out"], ctx["loss_fn"]
+    rank, out = ctx["rank"], ctx["out"]
     if args.benchmark or args.benchmark_data:
         import benchmark
         return benchmark.run(ctx)

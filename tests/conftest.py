@@ -2,6 +2,7 @@ import importlib
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,3 +19,22 @@ def load(name):
 @pytest.fixture
 def vit():
     return load("02_vit")
+
+
+def make_image_folder(root, labels, per_split):
+    """An ImageFolder (ROOT/split/class/i.png) of embedded-dataset shapes, e.g. per_split={"train": 6, "val": 3}."""
+    data = load("data")
+    rng = np.random.RandomState(0)
+    for split, n in per_split.items():
+        for label in labels:
+            d = root / split / data.SHAPES[label]
+            d.mkdir(parents=True)
+            for i in range(n):
+                data.draw_shape(rng, label, 32).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """A tiny ImageFolder of 2 classes: 12 training and 6 validation images."""
+    return make_image_folder(tmp_path_factory.mktemp("imgs"), (0, 1), {"train": 6, "val": 3})

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from conftest import ROOT, load
-from test_train import TINY, folder  # noqa: F401
+from test_train import TINY
 
 train = load("train")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, load
+from conftest import ROOT, load, make_image_folder
 
 knn = load("06_knn")
 att = load("07_attention")
@@ -98,16 +98,7 @@ def test_knn_and_attention_clis_on_a_train_checkpoint(tmp_path):
     backbone = vits.vit_nano(patch_size=8, img_size=16)
     torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
                 "args": {"arch": "vit_nano", "patch_size": 8, "global_size": 16}}, tmp_path / "checkpoint.pth")
-    folder = tmp_path / "data"
-    data = load("data")
-    import numpy as np
-    rng = np.random.RandomState(0)
-    for split, n in (("train", 5), ("val", 2)):
-        for label in (0, 1, 2):
-            d = folder / split / data.SHAPES[label]
-            d.mkdir(parents=True)
-            for i in range(n):
-                data.draw_shape(rng, label, 32).save(d / f"{i}.png")
+    folder = make_image_folder(tmp_path / "data", (0, 1, 2), {"train": 5, "val": 2})
     r = subprocess.run([sys.executable, "06_knn.py", "--checkpoint", str(tmp_path / "checkpoint.pth"),
                         "--data_path", str(folder), "--num_workers", "0"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -1,6 +1,5 @@
 """Bad input gets one clear line and exit code 2, with nothing overwritten; faults lose no work."""
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, load
-from test_train import TINY, folder  # noqa: F401  (the shared tiny ImageFolder fixture)
+from test_train import TINY
 
 train = load("train")
 ckpt = load("checkpoint")

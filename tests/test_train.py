@@ -1,37 +1,17 @@
 """train.py end to end on tiny settings: the loop's rules, checkpoints, resume, bad input."""
 import json
 import math
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load
+from conftest import load
 
 train = load("train")
-ckpt = load("checkpoint")
-data = load("data")
-ema_mod = load("05_teacher_ema")
 
 TINY = ["--arch", "vit_nano", "--patch_size", "8", "--global_size", "16", "--local_size", "8",
         "--local_crops_number", "2", "--out_dim", "32", "--batch_size_per_gpu", "4", "--epochs", "2",
         "--warmup_epochs", "1", "--num_workers", "0", "--drop_path_rate", "0.1", "--log_freq", "2"]
-
-
-@pytest.fixture(scope="session")
-def folder(tmp_path_factory):
-    """A tiny ImageFolder (train/ and val/) of shapes images."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.RandomState(0)
-    for split, n in (("train", 6), ("val", 3)):
-        for label in (0, 1):
-            d = root / split / data.SHAPES[label]
-            d.mkdir(parents=True)
-            for i in range(n):
-                data.draw_shape(rng, label, 32).save(d / f"{i}.png")
-    return root
 
 
 def run(argv):
