@@ -9,11 +9,13 @@ whole-image representation from a small part: "local-to-global" correspondence.
     global 1: blur w.p. 1.0
     global 2: blur w.p. 0.1, solarize (threshold 128) w.p. 0.2
     local:    blur w.p. 0.5
-    blur sigma ~ U[0.1, 2.0]; bicubic resized crops; ImageNet mean/std normalisation
+    blur sigma ~ U[0.1, 2.0] px at 224 (global) / 96 (local) px; bicubic resized crops; ImageNet mean/std
 
 Official defaults: global_crops_scale (0.4, 1), local_crops_scale (0.05, 0.4), 8 local crops.
 
-Departures: crop sizes are parameters (32-64 px images for CPU runs); all randomness, blur and
+Departures: crop sizes are parameters (32-64 px images for CPU runs), and the blur radius scales with
+them, so a crop is blurred by the same fraction of its width as at the official sizes (a 2 px blur
+on a 32 px crop would be a 14 px blur at 224 px and wipe out everything but colour); all randomness, blur and
 solarization included, comes from torch's generator, so torch.manual_seed fixes every crop (the
 official blur and solarization draw from Python's `random`, which its seeding leaves out).
 """
@@ -61,14 +63,18 @@ class DataAugmentationDINO:
         def crop(size, scale):
             return transforms.RandomResizedCrop(size, scale=scale, interpolation=bicubic)
 
+        def blur(p, size, official_size):  # sigma in [0.1, 2] px at the official size, in proportion otherwise
+            scale = size / official_size
+            return GaussianBlur(p, 0.1 * scale, 2.0 * scale)
+
         self.global_transfo1 = transforms.Compose([
-            crop(global_size, global_crops_scale), flip_and_color_jitter, GaussianBlur(1.0), normalize])
+            crop(global_size, global_crops_scale), flip_and_color_jitter, blur(1.0, global_size, 224), normalize])
         self.global_transfo2 = transforms.Compose([
-            crop(global_size, global_crops_scale), flip_and_color_jitter, GaussianBlur(0.1), Solarization(0.2),
-            normalize])
+            crop(global_size, global_crops_scale), flip_and_color_jitter, blur(0.1, global_size, 224),
+            Solarization(0.2), normalize])
         self.local_crops_number = local_crops_number
         self.local_transfo = transforms.Compose([
-            crop(local_size, local_crops_scale), flip_and_color_jitter, GaussianBlur(p=0.5), normalize])
+            crop(local_size, local_crops_scale), flip_and_color_jitter, blur(0.5, local_size, 96), normalize])
 
     def __call__(self, image):
         image = image.convert("RGB")

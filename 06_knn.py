@@ -14,8 +14,9 @@ Departures from the official script: any number of classes and any test-set size
 one process or many without a mandatory process group.
 
 Usage:
-    python 06_knn.py --checkpoint OUT/checkpoint.pth --data_path shapes
-    python 06_knn.py --random_init --arch vit_nano --patch_size 4 --image_size 32 --data_path shapes
+    python 06_knn.py --checkpoint OUT/checkpoint.pth --data_path textures
+    python 06_knn.py --random_init --arch vit_nano --patch_size 8 --image_size 32 --data_path textures
+    python 06_knn.py --raw_pixels --image_size 32 --data_path textures
     python 06_knn.py --pretrained dino_deitsmall16_pretrain.pth --arch vit_small --data_path DIR
 """
 import argparse
@@ -113,13 +114,15 @@ def get_args_parser():
     src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
     src.add_argument("--pretrained", help="an official released backbone or full official checkpoint")
     src.add_argument("--random_init", action="store_true", help="an untrained network: the baseline to read against")
+    src.add_argument("--raw_pixels", action="store_true", help="the normalised pixels themselves: the other baseline")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
                    help="the paper evaluates the teacher, which is better than the student throughout training")
     p.add_argument("--arch", default="vit_small", choices=sorted(vits.ARCHS), help="for --pretrained / --random_init")
     p.add_argument("--patch_size", "--patch", type=int, default=16)
     p.add_argument("--image_size", type=int, default=None,
                    help="centre-crop size; default: the checkpoint's global crop size, else 224")
-    p.add_argument("--data_path", default="shapes", help="ImageFolder with train/ and val/, or " + ", ".join(data.BUILTIN))
+    p.add_argument("--data_path", default="textures",
+                   help="ImageFolder with train/ and val/, or " + ", ".join(data.BUILTIN))
     p.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200])
     p.add_argument("--temperature", type=float, default=0.07, help="T in exp(s / T), as in Wu et al. 2018")
     p.add_argument("--batch_size_per_gpu", type=int, default=256)
@@ -139,6 +142,8 @@ def build_backbone(args):
         source, out_dir = obj, Path(args.checkpoint).parent
     elif args.pretrained:
         source, out_dir = ckpt.load_file(args.pretrained), Path(".")
+    elif args.raw_pixels:
+        return torch.nn.Flatten(), args.image_size or 224, Path(args.output_dir or ".")
     else:
         source, out_dir = None, Path(".")
     if args.arch not in vits.ARCHS:
@@ -162,12 +167,14 @@ def main(args):
     dtype = torch.bfloat16 if device.type == "cuda" else None
     results = evaluate(model, args.data_path, image_size, device, args.nb_knn, args.temperature,
                        args.batch_size_per_gpu, args.num_workers, dtype)
-    what = "random init" if args.random_init else (args.checkpoint or args.pretrained)
-    print(f"{args.arch}/{args.patch_size} ({what}) on {args.data_path} at {image_size} px")
+    what = ("random init" if args.random_init else "raw pixels" if args.raw_pixels
+            else args.checkpoint or args.pretrained)
+    print(f"{'pixels' if args.raw_pixels else f'{args.arch}/{args.patch_size}'} ({what}) on {args.data_path} "
+          f"at {image_size} px")
     for k, (top1, top5) in results.items():
         print(f"  {k:>3}-NN: top-1 {top1:6.2f}%  top-5 {top5:6.2f}%")
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "knn_random_init.json" if args.random_init else "knn.json"
+    name = "knn_random_init.json" if args.random_init else "knn_raw_pixels.json" if args.raw_pixels else "knn.json"
     ckpt.save_json({"source": str(what), "arch": args.arch, "patch_size": args.patch_size, "data_path": args.data_path,
                     "image_size": image_size, "temperature": args.temperature,
                     "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in results.items()}}, out_dir / name)

@@ -102,7 +102,7 @@ def get_args_parser():
     p.add_argument("--arch", default="vit_small", help="for --pretrained / --random_init")
     p.add_argument("--patch_size", "--patch", type=int, default=8)
     p.add_argument("--image", default=None,
-                   help="an image file; default: a photograph shipped with matplotlib; 'shapes:N' for image N "
+                   help="an image file; default: a photograph shipped with matplotlib; 'textures:N' for image N "
                         "of the embedded dataset's val split")
     p.add_argument("--image_size", type=int, default=None,
                    help="shorter side in pixels; default: the checkpoint's global crop size, else 480")
@@ -115,10 +115,10 @@ def get_args_parser():
 def load_image(spec):
     if spec is None:
         return multicrop.sample_image(), "sample photograph"
-    if spec.startswith("shapes:"):
-        ds = data.ShapesDataset("val", per_class=max(1, int(spec.split(":")[1]) // len(data.SHAPES) + 1))
+    if spec.startswith("textures:"):
+        ds = data.TexturesDataset("val", per_class=max(1, int(spec.split(":")[1]) // len(data.TEXTURES) + 1))
         img, y = ds[int(spec.split(":")[1])]
-        return img, f"shapes val image ({data.SHAPES[y]})"
+        return img, f"textures val image ({data.TEXTURES[y]})"
     try:
         return Image.open(spec), spec
     except OSError as e:

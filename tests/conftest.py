@@ -22,15 +22,15 @@ def vit():
 
 
 def make_image_folder(root, labels, per_split):
-    """An ImageFolder (ROOT/split/class/i.png) of embedded-dataset shapes, e.g. per_split={"train": 6, "val": 3}."""
+    """An ImageFolder (ROOT/split/class/i.png) of embedded-dataset textures, e.g. per_split={"train": 6, "val": 3}."""
     data = load("data")
     rng = np.random.RandomState(0)
     for split, n in per_split.items():
         for label in labels:
-            d = root / split / data.SHAPES[label]
+            d = root / split / data.TEXTURES[label]
             d.mkdir(parents=True)
             for i in range(n):
-                data.draw_shape(rng, label, 32).save(d / f"{i}.png")
+                data.draw_texture(rng, label, 32).save(d / f"{i}.png")
     return root
 
 

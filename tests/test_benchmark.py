@@ -16,7 +16,7 @@ LINE = re.compile(r"benchmark: ([\d.]+) img/s, ([\d.]+) ms/step, peak memory (\d
 
 
 def test_benchmark_prints_a_plausible_line():
-    r = subprocess.run([sys.executable, "train.py"] + TINY + ["--benchmark", "3", "--data_path", "shapes"],
+    r = subprocess.run([sys.executable, "train.py"] + TINY + ["--benchmark", "3", "--data_path", "textures"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]

@@ -44,6 +44,14 @@ def test_asymmetric_blur_and_solarization_probabilities():
     assert aug.global_transfo2.transforms[3].p == 0.2
 
 
+def test_blur_radius_scales_with_crop_size():
+    official, small = multicrop.DataAugmentationDINO(), multicrop.DataAugmentationDINO(global_size=32, local_size=16)
+    g, l = official.global_transfo1.transforms[2], official.local_transfo.transforms[2]
+    assert (g.radius_min, g.radius_max) == (l.radius_min, l.radius_max) == (0.1, 2.0)  # the official values
+    g, l = small.global_transfo1.transforms[2], small.local_transfo.transforms[2]
+    assert g.radius_max == pytest.approx(2.0 * 32 / 224) and l.radius_max == pytest.approx(2.0 * 16 / 96)
+
+
 def test_solarization_inverts_above_128():
     img = Image.fromarray(np.array([[[10, 200, 128]]], dtype=np.uint8))
     torch.manual_seed(0)

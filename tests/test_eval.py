@@ -106,8 +106,27 @@ def test_knn_and_attention_clis_on_a_train_checkpoint(tmp_path):
     result = json.loads((tmp_path / "knn.json").read_text())
     assert set(result["knn"]) == {"10", "20", "100", "200"}
     r = subprocess.run([sys.executable, "07_attention.py", "--checkpoint", str(tmp_path / "checkpoint.pth"),
-                        "--image", str(folder / "val" / "circle" / "0.png"), "--image_size", "32",
+                        "--image", str(folder / "val" / "hstripes" / "0.png"), "--image_size", "32",
                         "--threshold", "0.6", "--output_dir", str(tmp_path / "att")], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "att" / "attention.png").exists() and (tmp_path / "att" / "attn-head3.png").exists()
+
+
+def test_knn_raw_pixels_baseline(tmp_path):
+    """--raw_pixels: the pixels as features; dark against light images must be told apart exactly."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    for split, n in (("train", 6), ("val", 3)):
+        for name, level in (("dark", 40), ("light", 210)):
+            d = tmp_path / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                pixels = (level + rng.normal(0, 10, (16, 16, 3))).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{i}.png")
+    r = subprocess.run([sys.executable, "06_knn.py", "--raw_pixels", "--image_size", "16", "--data_path", str(tmp_path),
+                        "--num_workers", "0", "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "k-NN top-1 (k=20): 100.00%"
+    assert json.loads((tmp_path / "knn_raw_pixels.json").read_text())["source"] == "raw pixels"

@@ -93,8 +93,8 @@ def test_corrupt_image_is_skipped_with_a_warning_naming_it(folder, tmp_path, cap
     import shutil
     data_dir = tmp_path / "data"
     shutil.copytree(folder / "train", data_dir / "train")
-    bad = data_dir / "train" / "circle" / "broken.png"
-    bad.write_bytes((data_dir / "train" / "circle" / "0.png").read_bytes()[:60])  # truncated
+    bad = data_dir / "train" / "hstripes" / "broken.png"
+    bad.write_bytes((data_dir / "train" / "hstripes" / "0.png").read_bytes()[:60])  # truncated
     with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
         code, _ = cli(TINY + ["--data_path", str(data_dir), "--output_dir", str(tmp_path / "o"), "--epochs", "1",
                               "--warmup_epochs", "0"], capsys)

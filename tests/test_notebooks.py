@@ -28,7 +28,7 @@ def test_notebook_runs(name):
     execute(name, SHORT[name])
 
 
-SHORT_COLLAPSE = "STEPS = 50"
+SHORT_COLLAPSE = "STEPS = 150"
 
 
 def test_collapse_ablations_show_the_papers_finding():

@@ -19,7 +19,7 @@ def run(argv):
 
 
 def test_schedules_and_param_groups_follow_official_rules():
-    args = train.parse_args(TINY + ["--data_path", "shapes"])
+    args = train.parse_args(TINY + ["--data_path", "textures"])
     student, teacher = train.build_models(args)
     groups = train.params_groups(student)
     named = dict(student.named_parameters())
