@@ -15,7 +15,7 @@ Official defaults: global_crops_scale (0.4, 1), local_crops_scale (0.05, 0.4), 8
 
 Departures: crop sizes are parameters (32-64 px images for CPU runs), and the blur radius scales with
 them, so a crop is blurred by the same fraction of its width as at the official sizes (a 2 px blur
-on a 32 px crop would be a 14 px blur at 224 px and wipe out everything but colour); all randomness, blur and
+on a 32 px crop is a 14 px blur at 224 px); all randomness, blur and
 solarization included, comes from torch's generator, so torch.manual_seed fixes every crop (the
 official blur and solarization draw from Python's `random`, which its seeding leaves out).
 """
