@@ -101,15 +101,20 @@ def test_corrupt_image_is_skipped_with_a_warning_naming_it(folder, tmp_path, cap
     assert code == 0
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(folder, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("ctrl_c", [False, True])  # True: Ctrl-C arrives in the failing step, between log points
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(folder, tmp_path, capsys, monkeypatch,
+                                                                             ctrl_c):
     out = tmp_path / "o"
     assert train.cli(TINY + ["--data_path", str(folder), "--output_dir", str(out), "--epochs", "1",
                              "--warmup_epochs", "0"]) == 0
     good = (out / "checkpoint.pth").read_bytes()
     forward = losses.DINOLoss.forward
+    signals = [signal.SIGINT] if ctrl_c else []
 
     def exploding(self, *a, **k):
         loss, diag = forward(self, *a, **k)
+        if signals:
+            os.kill(os.getpid(), signals.pop())
         return loss * float("nan"), diag
     monkeypatch.setattr(losses.DINOLoss, "forward", exploding)
     code, err = cli(TINY + ["--data_path", str(folder), "--output_dir", str(out), "--epochs", "3",

@@ -81,7 +81,7 @@ def stop_after(monkeypatch, k):
 @pytest.mark.parametrize("stop_step", [4, 3])  # mid-epoch, and at the end of the first epoch
 def test_end_to_end_checkpoint_log_and_resume_is_bit_identical(folder, tmp_path, capsys, monkeypatch, stop_step):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run(TINY + ["--data_path", str(folder), "--output_dir", str(a), "--saveckp_freq", "1"]) == 0
+    assert run(TINY + ["--data_path", str(folder), "--output_dir", str(a), "--saveckp_freq", "2"]) == 0
     with monkeypatch.context() as mp:
         stop_after(mp, stop_step)
         assert run(TINY + ["--data_path", str(folder), "--output_dir", str(b)]) == 0
@@ -95,7 +95,9 @@ def test_end_to_end_checkpoint_log_and_resume_is_bit_identical(folder, tmp_path,
         for k in sa[key]:
             assert torch.equal(sa[key][k], sb[key][k]), f"{key}.{k} differs after resume"
     assert sa["epoch"] == 2 and isinstance(sa["args"], dict)
-    assert (a / "checkpoint0001.pth").exists() and (a / "checkpoint0002.pth").exists()
+    # the official rule: checkpoint{epoch:04d}.pth when epoch % saveckp_freq == 0, epoch counted from 0
+    assert torch.load(a / "checkpoint0000.pth", weights_only=True)["epoch"] == 1
+    assert not (a / "checkpoint0001.pth").exists()
     rows = [json.loads(line) for line in (a / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     assert [r["epoch"] for r in map(json.loads, (b / "log.txt").read_text().splitlines())] == [0, 1]
