@@ -415,7 +415,7 @@ def setup(args):
     ncrops = 2 + args.local_crops_number
     loss_fn = losses.DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
                               args.warmup_teacher_temp_epochs, args.epochs).to(device)
-    opt_kw = {"fused": True} if cuda else {}
+    opt_kw = {"fused": True} if device.type in ("cuda", "cpu") else {}  # one kernel for all parameters
     optimizer = (torch.optim.AdamW(params_groups(student), **opt_kw) if args.optimizer == "adamw" else
                  torch.optim.SGD(params_groups(student), lr=0, momentum=0.9))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
