@@ -136,13 +136,14 @@ def build_backbone(args):
     if args.checkpoint:
         obj = ckpt.load_file(args.checkpoint)
         train_args = obj.get("args", {}) if isinstance(obj, dict) else {}
+        train_args = vars(train_args) if isinstance(train_args, argparse.Namespace) else train_args  # official
         if isinstance(train_args, dict) and "arch" in train_args:
             args.arch, args.patch_size = train_args["arch"], train_args["patch_size"]
             args.image_size = args.image_size or train_args.get("global_size")
         source, out_dir = obj, Path(args.checkpoint).parent
     elif args.pretrained:
         source, out_dir = ckpt.load_file(args.pretrained), Path(".")
-    elif args.raw_pixels:
+    elif getattr(args, "raw_pixels", False):  # 07_attention.py has no pixel baseline
         return torch.nn.Flatten(), args.image_size or 224, Path(args.output_dir or ".")
     else:
         source, out_dir = None, Path(".")

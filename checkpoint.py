@@ -3,9 +3,10 @@
 Our checkpoints hold plain types only: state dicts, the centre, the epoch, `args` as a dict.
 Also reads the official files: a released backbone (`dino_deitsmall16_pretrain.pth`, a bare
 state dict) or a full official checkpoint ("teacher"/"student" entries whose keys carry
-`module.` and `backbone.` prefixes; its `args` is a pickled Namespace, which weights_only refuses,
-so only the weights are read: see load_file).
+`module.` and `backbone.` prefixes, and `args`, an argparse.Namespace: the one class besides the
+plain types that load_file lets weights_only rebuild, since it only holds attributes).
 """
+import argparse
 import os
 import pickle
 import tempfile
@@ -40,7 +41,8 @@ def load_file(path):
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the path of a .pth file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the official checkpoints' args
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
             raise CheckpointError(

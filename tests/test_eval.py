@@ -1,4 +1,5 @@
 """06_knn.py and 07_attention.py: the evaluation protocols on cases where the answer is known."""
+import argparse
 import json
 import math
 import subprocess
@@ -83,7 +84,8 @@ def test_official_released_backbone_format_loads_and_matches(tmp_path):
     sd = model.state_dict()
     torch.save(sd, tmp_path / "dino_deitsmall16_pretrain.pth")
     torch.save({"teacher": {f"backbone.{k}": v for k, v in sd.items()},
-                "student": {f"module.backbone.{k}": v for k, v in sd.items()}}, tmp_path / "full.pth")
+                "student": {f"module.backbone.{k}": v for k, v in sd.items()},
+                "args": argparse.Namespace(arch="vit_small", patch_size=16)}, tmp_path / "full.pth")
     x = torch.randn(2, 3, 224, 224)
     for name, key in (("dino_deitsmall16_pretrain.pth", "teacher"), ("full.pth", "teacher"), ("full.pth", "student")):
         loaded = vits.vit_small(patch_size=16).eval()
@@ -111,6 +113,10 @@ def test_knn_and_attention_clis_on_a_train_checkpoint(tmp_path):
                        text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "att" / "attention.png").exists() and (tmp_path / "att" / "attn-head3.png").exists()
+    r = subprocess.run([sys.executable, "07_attention.py", "--random_init", "--arch", "vit_nano", "--image_size", "32",
+                        "--output_dir", str(tmp_path / "rand")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "rand" / "attention.png").exists()
 
 
 def test_knn_raw_pixels_baseline(tmp_path):

@@ -58,13 +58,14 @@ def test_empty_and_imageless_folders(tmp_path, capsys):
     for d in ("empty", "noimg"):
         code, err = cli(TINY + ["--data_path", str(tmp_path / d), "--output_dir", str(tmp_path / "o")], capsys)
         assert code == 2 and "no images in" in err and "Traceback" not in err
+        assert not (tmp_path / "o").exists()  # bad input creates nothing, not even the output directory
 
 
 def test_bad_resume_files(tmp_path, folder, capsys):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(os.urandom(1000))
     pickled = tmp_path / "pickled.pth"
-    torch.save({"student": {}, "args": Namespace(arch="vit_small")}, pickled)
+    torch.save({"student": {}, "args": Namespace(arch="vit_small"), "hook": print}, pickled)  # a function: code
     weights = tmp_path / "backbone.pth"
     torch.save({"cls_token": torch.zeros(1, 1, 8)}, weights)
     for path, expected in ((junk, "is not a"), (pickled, "weights_only=True) refuses"),
