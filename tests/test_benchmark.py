@@ -7,24 +7,30 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import ROOT, load
-from test_train import TINY
 
-benchmark = load("benchmark")
+benchmark, train = load("benchmark"), load("train")
 vits, heads = load("02_vit"), load("03_head")
 
 LINE = re.compile(r"benchmark: ([\d.]+) img/s, ([\d.]+) ms/step, peak memory (\d+) MiB, ([\d.]+) TFLOP/s model FLOPs")
 
 
 def test_benchmark_prints_a_plausible_line():
-    r = subprocess.run([sys.executable, "train.py"] + TINY + ["--benchmark", "3", "--data_path", "textures"],
+    # the course model at batch 16: large enough that the printed TFLOP/s has a significant digit on a CPU
+    argv = ["--arch", "vit_nano", "--patch_size", "8", "--global_size", "32", "--local_size", "16",
+            "--local_crops_number", "2", "--out_dim", "256", "--batch_size_per_gpu", "16", "--num_workers", "0",
+            "--data_path", "textures"]
+    r = subprocess.run([sys.executable, "train.py"] + argv + ["--benchmark", "3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-1]
     m = LINE.fullmatch(last)
     assert m, last
     img_s, ms, mem, tflops = map(float, m.groups())
-    assert img_s > 0 and abs(img_s - 4 * 1000 / ms) / img_s < 0.02  # batch 4: img/s and ms/step agree
-    assert 100 < mem < 24 * 1024 and 0 <= tflops < 10  # a CPU: well under 10 TFLOP/s (tiny model: ~0.00)
+    assert img_s > 0 and abs(img_s - 16 * 1000 / ms) / img_s < 0.02  # batch 16: img/s and ms/step agree
+    student, _ = train.build_models(train.parse_args(argv))
+    expected = benchmark.step_flops(student, 16, 32, 16, 2) / (ms / 1000) / 1e12  # the FLOPs the step must do
+    assert 0 < tflops and abs(tflops - expected) <= 0.006  # printed with 2 decimals
+    assert 100 < mem < 24 * 1024
     assert "MFU" not in last  # no known peak on a CPU
 
 

@@ -135,8 +135,13 @@ def test_sigterm_checkpoints_and_resume_continues(folder, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "SIGTERM" in err and "the same command resumes" in err, err
     state = torch.load(out / "checkpoint.pth", weights_only=True)
-    done = state["epoch"] * 3 + state["step"]
-    assert done >= 3
+    assert state["epoch"] * 3 + state["step"] >= 3  # at least the first epoch is in it
+    # the same command (here: one more epoch) continues from the saved iteration and finishes
+    r = subprocess.run([sys.executable, "train.py"] + TINY + ["--data_path", str(folder), "--output_dir", str(out),
+                       "--epochs", str(state["epoch"] + 1)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {out / 'checkpoint.pth'} at epoch {state['epoch']}, iteration {state['step']}" in r.stdout
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == state["epoch"] + 1
 
 KILLER = """
 import sys, torch
