@@ -120,7 +120,9 @@ def test_end_to_end_checkpoint_log_and_resume_is_bit_identical(folder, tmp_path,
 
 
 def test_backbone_and_head_compile_without_graph_breaks_and_match_eager():
-    """What train.py compiles on CUDA, compiled here once on CPU (fullgraph: a graph break is an error)."""
+    """What train.py compiles on CUDA, compiled here once on CPU (fullgraph: a graph break is an error),
+    with train.py's dynamic=False: one graph per crop resolution, none more."""
+    from torch._dynamo.utils import counters
     torch.manual_seed(0)
     vits, heads = load("02_vit"), load("03_head")
     backbone = vits.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, qkv_bias=True)
@@ -130,10 +132,15 @@ def test_backbone_and_head_compile_without_graph_breaks_and_match_eager():
     eager.sum().backward()
     grads = [p.grad.clone() for p in backbone.parameters()]
     backbone.zero_grad()
-    compiled = torch.compile(head, fullgraph=True)(torch.compile(backbone, fullgraph=True)(x))
+    counters.clear()
+    backbone_c = torch.compile(backbone, fullgraph=True, dynamic=False)
+    compiled = torch.compile(head, fullgraph=True, dynamic=False)(backbone_c(x))
     compiled.sum().backward()
     assert torch.allclose(compiled, eager, atol=1e-5)
     assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(backbone.parameters(), grads))
+    for size in (8, 16, 8):  # a local crop size, then both again: the second resolution compiles once
+        backbone_c(torch.randn(4, 3, size, size if size == 8 else 24))
+    assert counters["stats"]["unique_graphs"] == 3  # backbone at 2 resolutions + head
 
 
 def test_collapse_is_named_in_plain_words():
