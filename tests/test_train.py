@@ -138,8 +138,8 @@ def test_backbone_and_head_compile_without_graph_breaks_and_match_eager():
     compiled.sum().backward()
     assert torch.allclose(compiled, eager, atol=1e-5)
     assert all(torch.allclose(p.grad, g, atol=1e-5) for p, g in zip(backbone.parameters(), grads))
-    for size in (8, 16, 8):  # a local crop size, then both again: the second resolution compiles once
-        backbone_c(torch.randn(4, 3, size, size if size == 8 else 24))
+    for h, w in ((8, 8), (16, 24), (8, 8)):  # a local crop size, then both again: the second resolution compiles once
+        backbone_c(torch.randn(4, 3, h, w))
     assert counters["stats"]["unique_graphs"] == 3  # backbone at 2 resolutions + head
 
 
