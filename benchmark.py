@@ -44,11 +44,11 @@ def peak_tflops(device, precision):
     return next((v for k, v in PEAK_TFLOPS_16BIT.items() if k in name), None)
 
 
-def run(ctx):
-    import train
-    args, loader, device, precision, ncrops, rank = (ctx[k] for k in ("args", "loader", "device", "precision",
-                                                                      "ncrops", "rank"))
+def measure(train_step, dino, run):
+    """Time train_step(dino, crops, it, epoch), the step train.py trains with, on `run`'s settings."""
+    args, device = run.args, run.device
     B, n_steps = args.batch_size_per_gpu, args.benchmark or args.benchmark_data
+    ncrops = 2 + args.local_crops_number
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     epoch = args.freeze_last_layer  # past the frozen epochs, so the timed step updates every parameter
     if args.benchmark:
@@ -60,12 +60,12 @@ def run(ctx):
     else:
         def from_loader():
             while True:
-                for crops, _ in loader:
+                for crops, _ in run.loader:
                     yield [c.to(device, non_blocking=True) for c in crops]
         batches = from_loader()
     warmup = 3
     for i in range(warmup):  # compile, cudnn autotuning, allocator warm-up
-        loss, _ = train.train_step(next(batches), i, epoch, ctx)
+        loss, _ = train_step(dino, next(batches), i, epoch)
     loss.item()
     sync()
     if device.type == "cuda":
@@ -75,7 +75,7 @@ def run(ctx):
         tw = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - tw
-        loss, _ = train.train_step(batch, warmup + i, epoch, ctx)
+        loss, _ = train_step(dino, batch, warmup + i, epoch)
     loss.item()  # one sync at the end: the timed loop is what training does between log points
     sync()
     dt = time.perf_counter() - t0
@@ -83,17 +83,17 @@ def run(ctx):
         mem = torch.cuda.max_memory_allocated(device) / 2 ** 20
     else:  # peak resident memory of the process
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    model = train.unwrap(ctx["student"])
+    model = getattr(dino.student, "module", dino.student)  # without DDP
     flops = step_flops(model, B, args.global_size, args.local_size, ncrops - 2)
     tflops = flops * n_steps / dt / 1e12
     line = (f"benchmark: {B * n_steps / dt:.1f} img/s, {1000 * dt / n_steps:.1f} ms/step, peak memory {mem:.0f} MiB, "
-            f"{tflops:.2f} TFLOP/s model FLOPs")
-    peak = peak_tflops(device, precision)
+            f"{tflops:.3g} TFLOP/s model FLOPs")
+    peak = peak_tflops(device, run.precision)
     if peak:
         line += f", MFU {100 * tflops / peak:.1f}% of {peak:.0f} TFLOP/s"
-    if rank == 0:
+    if run.rank == 0:
         print(f"{args.arch}/{args.patch_size}, batch {B}, 2x{args.global_size} + {ncrops - 2}x{args.local_size} crops, "
-              f"K={args.out_dim}, {precision}, compile={'on' if ctx['compiled'] else 'off'}, "
+              f"K={args.out_dim}, {run.precision}, compile={'on' if run.compiled else 'off'}, "
               f"{'reference mode' if args.reference_mode else 'fast path'}, {device}")
         if args.benchmark_data:
             print(f"data loading: {100 * wait / dt:.1f}% of step time (waiting for the next batch)")

@@ -9,8 +9,10 @@ jitter). Its limits: raw pixels classify it well (a k-NN on them reaches 81 %), 
 colour variation within that of colour jitter: with fully random colours, the short runs of the
 course learned colour instead of pattern.
 """
+import itertools
 import math
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -136,6 +138,48 @@ def build_dataset(data_path, split, transform=None, download_dir=None):
     elif split == "val":
         raise DataError(f"{data_path} has no val/ folder; k-NN evaluation needs ROOT/train and ROOT/val")
     return SafeImageFolder(str(root), transform)
+
+
+# ---------------------------------------------------------------------------- training loader
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler whose indices also carry the epoch (epoch * n + i), so that each sample's
+    crops are drawn from a generator seeded by (seed, epoch, index): the same crops whatever the
+    number of workers, and a resumed run sees exactly what an uninterrupted one would."""
+
+    skip = 0  # indices of this epoch already consumed before a resume
+
+    def __iter__(self):
+        n = len(self.dataset)
+        return (self.epoch * n + i for i in itertools.islice(super().__iter__(), self.skip, None))
+
+
+class SeededCrops(torch.utils.data.Dataset):
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = divmod(key, len(self.dataset))
+        with torch.random.fork_rng(devices=[]):  # leave the caller's generator as it was
+            torch.manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)  # a tuple of ints hashes the same every run
+            return self.dataset[i]
+
+
+def ignore_sigint(_):
+    """Ctrl-C reaches every process of the terminal; the workers leave it to the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, pin_memory=False):
+    """Shuffled full batches of multi-crop samples, seeded per (seed, epoch, image); set_epoch and
+    skip go through `loader.sampler`."""
+    sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return torch.utils.data.DataLoader(
+        SeededCrops(dataset, seed), sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+        pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigint)
 
 
 if __name__ == "__main__":

@@ -24,24 +24,24 @@ def flat(module):
 
 def main(argv, result_path, steps):
     torch.set_num_threads(1)
-    ctx = train.setup(train.parse_args(argv))
+    dino, run = train.setup(train.parse_args(argv))
     assert dist.is_initialized() and dist.get_world_size() == 2
-    loss_fn, teacher = ctx["loss_fn"], ctx["teacher"]
-    batches = iter(ctx["loader"])
+    loss_fn, teacher = dino.loss_fn, dino.teacher
+    batches = iter(run.loader)
     for it in range(steps):
         crops, _ = next(batches)
         with torch.no_grad():
             t_out = teacher(crops[:2])  # what the step's teacher will output on this rank
         everyone = torch.cat(gathered(t_out))
         expected_center = 0.9 * loss_fn.center + 0.1 * everyone.mean(0, keepdim=True)
-        train.train_step(crops, it, 1, ctx)
+        train.train_step(dino, crops, it, 1)
         assert torch.allclose(loss_fn.center, expected_center, atol=1e-6), "centre is not the mean over all ranks"
-        for name, t in (("student", flat(train.unwrap(ctx["student"]))), ("teacher", flat(teacher)),
+        for name, t in (("student", flat(train.unwrap(dino.student))), ("teacher", flat(teacher)),
                         ("center", loss_fn.center)):
             a, b = gathered(t)
             assert torch.equal(a, b), f"ranks disagree on the {name} after step {it}"
     if dist.get_rank() == 0:
-        torch.save({"student": train.unwrap(ctx["student"]).state_dict(), "teacher": teacher.state_dict(),
+        torch.save({"student": train.unwrap(dino.student).state_dict(), "teacher": teacher.state_dict(),
                     "center": loss_fn.center}, result_path)
     dist.destroy_process_group()
 

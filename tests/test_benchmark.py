@@ -11,11 +11,11 @@ from conftest import ROOT, load
 benchmark, train = load("benchmark"), load("train")
 vits, heads = load("02_vit"), load("03_head")
 
-LINE = re.compile(r"benchmark: ([\d.]+) img/s, ([\d.]+) ms/step, peak memory (\d+) MiB, ([\d.]+) TFLOP/s model FLOPs")
+LINE = re.compile(r"benchmark: ([\d.]+) img/s, ([\d.]+) ms/step, peak memory (\d+) MiB, ([\d.e+-]+) TFLOP/s model FLOPs")
 
 
 def test_benchmark_prints_a_plausible_line():
-    # the course model at batch 16: large enough that the printed TFLOP/s has a significant digit on a CPU
+    # the course model at batch 16 (TFLOP/s is printed to 3 significant digits, so even a slow CPU shows it)
     argv = ["--arch", "vit_nano", "--patch_size", "8", "--global_size", "32", "--local_size", "16",
             "--local_crops_number", "2", "--out_dim", "256", "--batch_size_per_gpu", "16", "--num_workers", "0",
             "--data_path", "textures"]
@@ -29,7 +29,7 @@ def test_benchmark_prints_a_plausible_line():
     assert img_s > 0 and abs(img_s - 16 * 1000 / ms) / img_s < 0.02  # batch 16: img/s and ms/step agree
     student, _ = train.build_models(train.parse_args(argv))
     expected = benchmark.step_flops(student, 16, 32, 16, 2) / (ms / 1000) / 1e12  # the FLOPs the step must do
-    assert 0 < tflops and abs(tflops - expected) <= 0.006  # printed with 2 decimals
+    assert 0 < tflops and abs(tflops - expected) <= 0.006 * expected  # printed with 3 significant digits
     assert 100 < mem < 24 * 1024
     assert "MFU" not in last  # no known peak on a CPU
 

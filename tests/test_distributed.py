@@ -27,16 +27,16 @@ def test_two_processes_agree_and_equal_one_process_on_the_whole_batch(folder, tm
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp.pth", weights_only=True)
 
-    ctx = train.setup(train.parse_args(argv + ["--batch_size_per_gpu", "4", "--output_dir", str(tmp_path / "one")]))
-    initial = {k: v.clone() for k, v in ctx["student"].state_dict().items()}
-    batches = iter(ctx["loader"])
+    dino, run = train.setup(train.parse_args(argv + ["--batch_size_per_gpu", "4", "--output_dir", str(tmp_path / "one")]))
+    initial = {k: v.clone() for k, v in dino.student.state_dict().items()}
+    batches = iter(run.loader)
     for it in range(3):
         crops, _ = next(batches)
-        train.train_step(crops, it, 1, ctx)
-    assert torch.allclose(ctx["loss_fn"].center, ddp["center"], atol=1e-5)
-    moved = [k for k, v in ctx["student"].state_dict().items() if (v - initial[k]).abs().max() > 1e-2]
+        train.train_step(dino, crops, it, 1)
+    assert torch.allclose(dino.loss_fn.center, ddp["center"], atol=1e-5)
+    moved = [k for k, v in dino.student.state_dict().items() if (v - initial[k]).abs().max() > 1e-2]
     assert len(moved) > len(initial) // 2
-    for key, model in (("student", ctx["student"]), ("teacher", ctx["teacher"])):
+    for key, model in (("student", dino.student), ("teacher", dino.teacher)):
         for k, v in model.state_dict().items():
             assert torch.allclose(v, ddp[key][k], rtol=0, atol=1e-6), f"{key}.{k}"
 

@@ -8,6 +8,7 @@ import torch
 from conftest import load
 
 train = load("train")
+monitor = load("monitor")
 
 TINY = ["--arch", "vit_nano", "--patch_size", "8", "--global_size", "16", "--local_size", "8",
         "--local_crops_number", "2", "--out_dim", "32", "--batch_size_per_gpu", "4", "--epochs", "2",
@@ -58,20 +59,20 @@ def test_per_parameter_clipping_and_frozen_last_layer():
 def test_one_step_moves_teacher_by_exactly_the_ema_rule(folder, tmp_path):
     args = train.parse_args(TINY + ["--data_path", str(folder), "--output_dir", str(tmp_path), "--resume", "none",
                                     "--lr", "0.5"])  # large, so that the student's move is far above rounding
-    ctx = train.setup(args)
-    crops, _ = next(iter(ctx["loader"]))
+    dino, run = train.setup(args)
+    crops, _ = next(iter(run.loader))
     assert [tuple(c.shape) for c in crops] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
-    sched, niter = ctx["sched"], ctx["niter"]
+    sched, niter = dino.schedule, run.niter
     # the official schedules: lr warmed up from 0 over one epoch to lr x batch / 256, wd and momentum from their start
-    assert sched["lr"][0] == 0.0 and sched["lr"][niter] == pytest.approx(0.5 * 4 / 256)
-    assert sched["wd"][0] == pytest.approx(0.04) and sched["momentum"][0] == pytest.approx(0.996)
-    student_before = [p.clone() for p in ctx["student"].parameters()]
-    teacher_before = [p.clone() for p in ctx["teacher"].parameters()]
-    loss, diag = train.train_step(crops, niter, 1, ctx)  # the first step after the warm-up
-    assert ctx["optimizer"].param_groups[0]["lr"] == sched["lr"][niter]
-    m = sched["momentum"][niter]
+    assert sched.lr[0] == 0.0 and sched.lr[niter] == pytest.approx(0.5 * 4 / 256)
+    assert sched.wd[0] == pytest.approx(0.04) and sched.momentum[0] == pytest.approx(0.996)
+    student_before = [p.clone() for p in dino.student.parameters()]
+    teacher_before = [p.clone() for p in dino.teacher.parameters()]
+    loss, diag = train.train_step(dino, crops, niter, 1)  # the first step after the warm-up
+    assert dino.optimizer.param_groups[0]["lr"] == sched.lr[niter]
+    m = sched.momentum[niter]
     moved = 0
-    for s0, t0, t, s in zip(student_before, teacher_before, ctx["teacher"].parameters(), ctx["student"].parameters()):
+    for s0, t0, t, s in zip(student_before, teacher_before, dino.teacher.parameters(), dino.student.parameters()):
         assert torch.allclose(t, m * t0 + (1 - m) * s.detach(), rtol=0, atol=1e-6)
         moved += (s - s0).abs().max() > 1e-3 and (t - t0).abs().max() > 1e-6
     assert moved > len(student_before) // 2  # student and teacher really moved (grad-free parameters do not)
@@ -87,7 +88,7 @@ def stop_after(monkeypatch, k):
         self.requested = self.requested or calls["n"] == k
         return self.requested
 
-    monkeypatch.setattr(train.Stop, "agreed", agreed)
+    monkeypatch.setattr(train.runtime.Stop, "agreed", agreed)
 
 
 @pytest.mark.parametrize("stop_step", [4, 3])  # mid-epoch, and at the end of the first epoch
@@ -145,7 +146,7 @@ def test_backbone_and_head_compile_without_graph_breaks_and_match_eager():
 
 def test_collapse_is_named_in_plain_words():
     K = 1024
-    assert "uniform" in train.collapse_message(math.log(K) * 0.99, 0.001, K)
-    assert "one dimension dominates" in train.collapse_message(0.05, 0.001, K)
-    assert train.collapse_message(3.0, 1.5, K) is None  # healthy: KL clearly positive
-    assert train.collapse_message(math.log(K) * 0.99, 1.0, K) is None  # uniform teacher, but the student disagrees
+    assert "uniform" in monitor.collapse_message(math.log(K) * 0.99, 0.001, K)
+    assert "one dimension dominates" in monitor.collapse_message(0.05, 0.001, K)
+    assert monitor.collapse_message(3.0, 1.5, K) is None  # healthy: KL clearly positive
+    assert monitor.collapse_message(math.log(K) * 0.99, 1.0, K) is None  # uniform teacher, but the student disagrees

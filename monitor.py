@@ -1,0 +1,45 @@
+"""What a training run tells its user: the teacher's entropy and KL in plain words (the two collapses
+of paper Sec. 5.3) and curves.png, redrawn from log.txt's rows after every epoch."""
+import math
+import os
+from pathlib import Path
+
+
+def collapse_message(entropy, kl, K):
+    """Plain words for the two collapse modes of Sec. 5.3 (both have KL(P_t || P_s) near 0)."""
+    if kl > 0.01 * math.log(K):
+        return None
+    if entropy > 0.9 * math.log(K):
+        return (f"collapse: the teacher's output is uniform (h(P_t) = {entropy:.2f} ~ log K = {math.log(K):.2f}) and "
+                f"the student copies it (KL = {kl:.3f}). Centering is winning over sharpening: lower --teacher_temp "
+                f"(e.g. 0.02-0.04), use a smaller --out_dim on small data, a longer --warmup_epochs or a lower --lr.")
+    if entropy < 0.1 * math.log(K):
+        return (f"collapse: one dimension dominates the teacher (h(P_t) = {entropy:.2f} ~ 0, KL = {kl:.3f}). "
+                f"Sharpening is winning: check that centering is on, raise --teacher_temp slightly, "
+                f"or lower --lr.")
+    return None
+
+
+def plot_curves(log_rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [("loss", "loss = h + KL"), ("entropy", "teacher entropy h(P_t)"), ("kl", "KL(P_t || P_s)"),
+            ("knn_top1", "k-NN top-1 (%)"), ("lr", "learning rate"), ("momentum", "teacher momentum")]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    epochs = [r["epoch"] for r in log_rows]
+    for ax, (k, title) in zip(axes.flat, keys):
+        pts = [(r["epoch"], r[k]) for r in log_rows if r.get(k) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3)
+        if k == "entropy" and log_rows:
+            ax.axhline(math.log(log_rows[-1]["out_dim"]), color="gray", ls="--", label="log K")
+            ax.axhline(0, color="gray", ls=":")
+            ax.legend()
+        ax.set_title(title), ax.set_xlabel("epoch")
+        ax.set_xlim(min(epochs, default=0) - 0.5, max(epochs, default=0) + 0.5)
+    fig.tight_layout()
+    tmp = Path(path).with_name(".curves.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
