@@ -122,6 +122,11 @@ def _torchvision(name, split, transform, download_dir):
                         f"directory as --data_path") from None
 
 
+def has_val(data_path):
+    """Whether k-NN evaluation can run: a built-in dataset, or a folder with train/ and val/."""
+    return data_path in BUILTIN or (Path(data_path) / "val").is_dir() and (Path(data_path) / "train").is_dir()
+
+
 def build_dataset(data_path, split, transform=None, download_dir=None):
     """split: 'pretrain' (what DINO trains on), 'train' or 'val' (the k-NN memory bank and queries)."""
     if data_path in BUILTIN:
@@ -138,6 +143,68 @@ def build_dataset(data_path, split, transform=None, download_dir=None):
     elif split == "val":
         raise DataError(f"{data_path} has no val/ folder; k-NN evaluation needs ROOT/train and ROOT/val")
     return SafeImageFolder(str(root), transform)
+
+
+# ---------------------------------------------------------------------------- small real datasets
+# Real images that ship inside installed packages, made into ImageFolders (ROOT/train, ROOT/val) with
+# `python data.py --make NAME DIR`: a benchmark of the kind of folder a course points train.py at. The
+# same files and seed give the same folder on every machine. scikit-image and scikit-learn are needed
+# here only, never for training.
+def _skimage(name):
+    import skimage.io
+    path = Path(__import__("skimage").__file__).parent / "data" / name
+    return Image.fromarray(skimage.io.imread(path))
+
+
+def _photos():
+    """Eleven colour photographs: people, animals, objects, scenes, a microscope slide, a retina, the sky."""
+    import matplotlib
+    import sklearn
+    sk = [_skimage(f) for f in ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+                                 "motorcycle_left.png", "retina.jpg", "rocket.jpg")]
+    other = [Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"] + \
+            [Path(sklearn.__file__).parent / "datasets" / "images" / f for f in ("china.jpg", "flower.jpg")]
+    names = ["astronaut", "cat", "coffee", "galaxies", "tissue", "motorcycle", "retina", "rocket", "portrait",
+             "temple", "flower"]
+    return dict(zip(names, sk + [Image.open(p) for p in other]))
+
+
+def _gray_surfaces():
+    """Seven gray images of surfaces and materials: brick, grass, gravel, the moon, cells, coins, printed text."""
+    files = ("brick.png", "grass.png", "gravel.png", "moon.png", "cell.png", "coins.png", "page.png")
+    return {f.split(".")[0]: _skimage(f) for f in files}
+
+
+def _write_crops(sources, out, per_class, side_range, ext, seed=0):
+    """per_class random square crops of each source image (side a random fraction of its shorter side),
+    saved at their own size; one class per source; every fifth crop goes to val/."""
+    rng = np.random.RandomState(seed)
+    for label, img in sources.items():
+        img = img.convert("RGB") if img.mode not in ("L", "RGB") else img
+        w, h = img.size
+        for i in range(per_class):
+            side = int(min(w, h) * rng.uniform(*side_range))
+            x, y = rng.randint(0, w - side + 1), rng.randint(0, h - side + 1)
+            d = Path(out) / ("val" if i % 5 == 4 else "train") / label
+            d.mkdir(parents=True, exist_ok=True)
+            img.crop((x, y, x + side, y + side)).save(d / f"{i:04d}.{ext}", **({"quality": 90} if ext == "jpg" else {}))
+
+
+def make_digits(out):
+    """1,797 handwritten digits, 8 x 8 px, 17 gray levels (scikit-learn's copy of the UCI set), 10 classes."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for i, (x, y) in enumerate(zip(digits.images, digits.target)):
+        d = Path(out) / ("val" if i % 5 == 4 else "train") / str(y)
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x * 255 / 16).round().astype(np.uint8)).save(d / f"{i:04d}.png")
+
+
+MAKERS = {
+    "digits": make_digits,
+    "photos": lambda out: _write_crops(_photos(), out, 400, (0.15, 0.45), "jpg"),  # 4,400 colour crops
+    "surfaces": lambda out: _write_crops(_gray_surfaces(), out, 400, (0.1, 0.3), "png"),  # 2,800 gray crops
+}
 
 
 # ---------------------------------------------------------------------------- training loader
@@ -183,6 +250,20 @@ def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, pin
 
 
 if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="draw the embedded textures, or build a small real ImageFolder")
+    parser.add_argument("--make", nargs=2, metavar=("NAME", "DIR"), help=f"NAME: one of {', '.join(MAKERS)}")
+    cli = parser.parse_args()
+    if cli.make:
+        name, out = cli.make
+        if name not in MAKERS:
+            parser.error(f"unknown dataset {name}; choose from {', '.join(MAKERS)}")
+        if Path(out).exists() and any(Path(out).iterdir()):
+            parser.error(f"{out} is not empty; choose a new directory")
+        MAKERS[name](out)
+        n = {split: sum(1 for _ in (Path(out) / split).rglob("*.*")) for split in ("train", "val")}
+        print(f"{name}: {n['train']} training and {n['val']} validation images in {out}")
+        raise SystemExit(0)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

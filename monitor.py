@@ -20,6 +20,27 @@ def collapse_message(entropy, kl, K):
     return None
 
 
+def drift_message(log_rows, K, window=3):
+    """An early warning, while there is still time to stop and change a flag: the teacher's entropy is near
+    one of the collapse ends and not coming back, while KL has shrunk epoch after epoch for `window` epochs."""
+    if len(log_rows) < window:
+        return None
+    h = [r["entropy"] for r in log_rows[-window:]]
+    kl = [r["kl"] for r in log_rows[-window:]]
+    if not all(b < a for a, b in zip(kl, kl[1:])):  # the student still finds something to learn
+        return None
+    log_k = math.log(K)
+    if h[-1] > 0.8 * log_k and h[-1] >= h[0]:
+        return (f"warning: drifting towards the uniform collapse: h(P_t) = {h[-1]:.2f} is {h[-1] / log_k:.0%} of "
+                f"log K and KL fell from {kl[0]:.2f} to {kl[-1]:.2f} over {window} epochs. Centering is winning: "
+                f"stop and lower --teacher_temp, or use a smaller --out_dim (about one prototype per 20 images).")
+    if h[-1] < 0.1 * log_k and h[-1] <= h[0]:
+        return (f"warning: drifting towards one dimension: h(P_t) = {h[-1]:.2f} is {h[-1] / log_k:.0%} of log K and "
+                f"KL fell from {kl[0]:.2f} to {kl[-1]:.2f} over {window} epochs. Sharpening is winning: stop and "
+                f"raise --teacher_temp slightly or lower --lr.")
+    return None
+
+
 def plot_curves(log_rows, path):
     import matplotlib
     matplotlib.use("Agg")

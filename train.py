@@ -170,7 +170,7 @@ def train_one_epoch(dino, run, epoch, start_step, stop):
     n, t0 = 0, time.perf_counter()
     bar = tqdm(total=niter, initial=start_step, desc=f"epoch {epoch}", disable=run.rank != 0, leave=False,
                dynamic_ncols=True)
-    for i, (crops, _) in enumerate(run.loader, start=start_step):
+    for i, (crops, _) in zip(range(start_step, niter), run.loader):  # an epoch may stop before the data ends
         it = epoch * niter + i
         # stochastic depth draws seeded by the iteration: a resumed run makes the same ones
         torch.manual_seed(hash((args.seed, run.rank, it)) % 2 ** 62)
@@ -223,7 +223,8 @@ def log_epoch(row, epoch, run, loss_fn):
     knn_str = f", k-NN top-1 {row['knn_top1']:.1f}%" if "knn_top1" in row else ""
     print(f"epoch {epoch}: loss {row['loss']:.4f}, h(P_t) {row['entropy']:.3f}, KL {row['kl']:.3f}"
           f"{knn_str}, {row['img_per_s']:.0f} img/s")
-    msg = monitor.collapse_message(row["entropy"], row["kl"], run.args.out_dim)
+    msg = (monitor.collapse_message(row["entropy"], row["kl"], run.args.out_dim)
+           or monitor.drift_message(run.log_rows, run.args.out_dim))
     if msg:
         print(msg, file=sys.stderr)
 
@@ -274,6 +275,22 @@ def params_groups(model):
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fit_to_budget(args, batches):
+    """With --steps N, about N iterations whatever the dataset's size: more epochs than --epochs on a small
+    dataset, epochs cut to N / --epochs batches of a fresh shuffle on a large one. Warm-up and evaluation
+    keep their share of the run. Returns the iterations per epoch."""
+    if not args.steps:
+        return batches
+    epochs = max(args.epochs, round(args.steps / batches))
+    scale = epochs / args.epochs
+    args.warmup_epochs = round(args.warmup_epochs * scale)
+    args.warmup_teacher_temp_epochs = round(args.warmup_teacher_temp_epochs * scale)
+    args.freeze_last_layer = round(args.freeze_last_layer * scale)
+    args.eval_every = max(1, round(args.eval_every * scale)) if args.eval_every else 0
+    args.epochs = epochs
+    return min(batches, round(args.steps / epochs))
+
+
 def autocast_dtype(precision):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -307,7 +324,10 @@ def setup(args):
     if device.type == "cpu":  # the augmentation workers need cores too
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers)))
     loader = data.training_loader(dataset, args.batch_size_per_gpu, workers, args.seed, rank, world, pin_memory=cuda)
-    niter = len(loader)
+    niter = fit_to_budget(args, len(loader))
+    if args.eval_every and not data.has_val(args.data_path):
+        print(f"note: {args.data_path} has no val/ folder, so there is no k-NN evaluation during training", file=sys.stderr)
+        args.eval_every = 0
 
     # models, loss, optimizer, schedules
     student, teacher = build_models(args)
@@ -415,6 +435,9 @@ def get_args_parser():
                    help="max gradient norm per parameter tensor (not global); 0 disables")
     g.add_argument("--batch_size_per_gpu", type=int, default=64, help="images per process and step")
     g.add_argument("--epochs", type=int, default=100, help="passes over the training set")
+    g.add_argument("--steps", type=int, default=0,
+                   help="if > 0, a budget of about this many iterations: sets the epochs from the dataset's size "
+                        "(at least --epochs; shorter epochs on large datasets), warm-up and evaluation in proportion")
     g.add_argument("--freeze_last_layer", type=int, default=1,
                    help="epochs during which the prototypes get no gradient: eases the start")
     g.add_argument("--lr", type=float, default=5e-4,

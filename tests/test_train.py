@@ -150,3 +150,33 @@ def test_collapse_is_named_in_plain_words():
     assert "one dimension dominates" in monitor.collapse_message(0.05, 0.001, K)
     assert monitor.collapse_message(3.0, 1.5, K) is None  # healthy: KL clearly positive
     assert monitor.collapse_message(math.log(K) * 0.99, 1.0, K) is None  # uniform teacher, but the student disagrees
+
+
+def rows(pairs):
+    return [{"entropy": h, "kl": kl} for h, kl in pairs]
+
+
+def test_drift_towards_a_collapse_is_named_before_it_happens():
+    K, log_k = 256, math.log(256)  # 5.55
+    healthy = rows([(2.13, 1.98), (1.95, 1.40), (1.78, 1.05), (1.20, 0.90), (0.82, 0.80)])  # the course run
+    uniform = rows([(2.5, 2.0), (3.6, 1.5), (4.2, 1.0), (4.55, 0.6)])  # h climbs past 80 % of log K, KL falls
+    one_dim = rows([(1.5, 1.2), (0.9, 0.8), (0.5, 0.5), (0.3, 0.3)])  # h falls below 10 % of log K, KL falls
+    for n in range(1, len(healthy) + 1):
+        assert monitor.drift_message(healthy[:n], K) is None
+    assert monitor.drift_message(uniform[:3], K) is None  # 4.2 is 76 % of log K: not yet
+    assert "uniform collapse" in monitor.drift_message(uniform, K) and "--teacher_temp" in monitor.drift_message(uniform, K)
+    assert "one dimension" in monitor.drift_message(one_dim, K)
+    recovering = uniform + rows([(4.6, 0.7)])  # KL grows again: the student is learning, no warning
+    assert monitor.drift_message(recovering, K) is None
+    settled = rows([(4.9, 0.50), (4.9, 0.46), (4.9, 0.43)])  # flat at 88 % of log K while KL keeps shrinking
+    assert "uniform collapse" in monitor.drift_message(settled, K)
+    assert monitor.drift_message(rows([(0.4 * log_k, 2.0), (0.4 * log_k, 1.5), (0.4 * log_k, 1.0)]), K) is None
+
+
+@pytest.mark.parametrize("batches,epochs,niter", [(78, 6, 78), (22, 22, 22), (781, 6, 80)])
+def test_a_step_budget_gives_small_and_large_datasets_the_same_number_of_steps(batches, epochs, niter):
+    args = train.parse_args(["--preset", "cpu_course", "--steps", "480"])  # 6 epochs, 1 of warm-up, k-NN every 3
+    assert train.fit_to_budget(args, batches) == niter and args.epochs == epochs
+    assert abs(epochs * niter - 480) <= niter / 2 + 1  # about the budget, whatever the dataset's size
+    assert args.warmup_epochs / args.epochs == pytest.approx(1 / 6, abs=0.03)  # warm-up keeps its share
+    assert args.eval_every == round(3 * epochs / 6)
