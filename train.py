@@ -223,8 +223,10 @@ def log_epoch(row, epoch, run, loss_fn):
     knn_str = f", k-NN top-1 {row['knn_top1']:.1f}%" if "knn_top1" in row else ""
     print(f"epoch {epoch}: loss {row['loss']:.4f}, h(P_t) {row['entropy']:.3f}, KL {row['kl']:.3f}"
           f"{knn_str}, {row['img_per_s']:.0f} img/s")
-    msg = (monitor.collapse_message(row["entropy"], row["kl"], run.args.out_dim)
-           or monitor.drift_message(run.log_rows, run.args.out_dim))
+    K = run.args.out_dim
+    msg = monitor.collapse_message(row["entropy"], row["kl"], K)
+    if not msg and not monitor.drift_message(run.log_rows[:-1], K):  # a drift is named once, when it starts
+        msg = monitor.drift_message(run.log_rows, K)
     if msg:
         print(msg, file=sys.stderr)
 
