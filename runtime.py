@@ -10,9 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class UsageError(Exception):
-    """Bad command-line input: the message names the problem and the fix."""
+from cli import UsageError
 
 
 def init_distributed():

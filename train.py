@@ -28,10 +28,11 @@ import torch.nn as nn
 
 import benchmark
 import checkpoint as ckpt
+import cli as cmdline
 import data
 import monitor
 import runtime
-from runtime import UsageError
+from cli import UsageError
 
 multicrop = importlib.import_module("01_multicrop")
 vits = importlib.import_module("02_vit")
@@ -391,85 +392,81 @@ PRESETS = {
 }
 
 
-def bool_flag(s):
-    if s.lower() in ("true", "1", "yes", "on"):
-        return True
-    if s.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser("DINO", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cmdline.Parser("DINO", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named set of defaults (explicit flags still win)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit_small", help=f"one of {', '.join(vits.ARCHS)}")
-    g.add_argument("--patch_size", "--patch", type=int, default=16,
+    g.add_argument("--arch", default="vit_small", choices=list(vits.ARCHS))
+    g.add_argument("--patch_size", "--patch", type=cmdline.positive_int, default=16,
                    help="smaller patches: better features, quadratically more tokens; "
                         "with patches < 16 the authors train in fp32 (fp16 overflows), bf16 is fine")
-    g.add_argument("--out_dim", type=int, default=65536,
+    g.add_argument("--out_dim", type=cmdline.positive_int, default=65536,
                    help="K, the number of prototypes; 1024-8192 converges faster on small datasets")
-    g.add_argument("--norm_last_layer", type=bool_flag, default=True,
+    g.add_argument("--norm_last_layer", type=cmdline.bool_flag, default=True,
                    help="unit-norm prototypes: more stable; False improves ViT-S but can diverge")
-    g.add_argument("--momentum_teacher", type=float, default=0.996,
+    g.add_argument("--momentum_teacher", type=cmdline.probability, default=0.996,
                    help="m_0, cosine to 1 over training; raise it (0.9995) for small batches (256)")
-    g.add_argument("--use_bn_in_head", type=bool_flag, default=False, help="BatchNorm in the head (ResNets)")
-    g.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth, student only")
+    g.add_argument("--use_bn_in_head", type=cmdline.bool_flag, default=False, help="BatchNorm in the head (ResNets)")
+    g.add_argument("--drop_path_rate", type=cmdline.below_one, default=0.1, help="stochastic depth, student only")
     g = p.add_argument_group("temperatures")
-    g.add_argument("--warmup_teacher_temp", type=float, default=0.04,
+    g.add_argument("--warmup_teacher_temp", type=cmdline.positive_float, default=0.04,
                    help="tau_t at the start; too high and training does not start, so start low")
-    g.add_argument("--teacher_temp", type=float, default=0.04,
+    g.add_argument("--teacher_temp", type=cmdline.positive_float, default=0.04,
                    help="tau_t after warm-up; above 0.07 is unstable; 0.07 with warm-up is the 'boosted' recipe")
-    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=0,
+    g.add_argument("--warmup_teacher_temp_epochs", type=cmdline.nonneg_int, default=0,
                    help="epochs of linear tau_t warm-up (30 in the boosted recipe)")
     g = p.add_argument_group("optimization")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 on CUDA (no loss scaling needed), fp32 elsewhere; fp16 adds a GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile student and teacher; default on for CUDA, off elsewhere")
-    g.add_argument("--weight_decay", type=float, default=0.04, help="start of the cosine weight-decay schedule")
-    g.add_argument("--weight_decay_end", type=float, default=0.4,
+    g.add_argument("--weight_decay", type=cmdline.nonneg_float, default=0.04,
+                   help="start of the cosine weight-decay schedule")
+    g.add_argument("--weight_decay_end", type=cmdline.nonneg_float, default=0.4,
                    help="end of the schedule: a larger wd late in training helps ViTs")
-    g.add_argument("--clip_grad", type=float, default=3.0,
+    g.add_argument("--clip_grad", type=cmdline.nonneg_float, default=3.0,
                    help="max gradient norm per parameter tensor (not global); 0 disables")
-    g.add_argument("--batch_size_per_gpu", type=int, default=64, help="images per process and step")
-    g.add_argument("--epochs", type=int, default=100, help="passes over the training set")
-    g.add_argument("--steps", type=int, default=0,
+    g.add_argument("--batch_size_per_gpu", type=cmdline.positive_int, default=64, help="images per process and step")
+    g.add_argument("--epochs", type=cmdline.positive_int, default=100, help="passes over the training set")
+    g.add_argument("--steps", type=cmdline.nonneg_int, default=0,
                    help="if > 0, a budget of about this many iterations: sets the epochs from the dataset's size "
                         "(at least --epochs; shorter epochs on large datasets), warm-up and evaluation in proportion")
-    g.add_argument("--freeze_last_layer", type=int, default=1,
+    g.add_argument("--freeze_last_layer", type=cmdline.nonneg_int, default=1,
                    help="epochs during which the prototypes get no gradient: eases the start")
-    g.add_argument("--lr", type=float, default=5e-4,
+    g.add_argument("--lr", type=cmdline.positive_float, default=5e-4,
                    help="peak lr at a total batch of 256, scaled linearly with the total batch")
-    g.add_argument("--warmup_epochs", type=int, default=10, help="linear lr warm-up from 0")
-    g.add_argument("--min_lr", type=float, default=1e-6, help="lr at the end of the cosine decay")
+    g.add_argument("--warmup_epochs", type=cmdline.nonneg_int, default=10, help="linear lr warm-up from 0")
+    g.add_argument("--min_lr", type=cmdline.nonneg_float, default=1e-6, help="lr at the end of the cosine decay")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                    help="adamw is the paper's choice for ViTs; sgd (momentum 0.9) for convnets")
     g = p.add_argument_group("multi-crop")
-    g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0),
+    g.add_argument("--global_crops_scale", type=cmdline.fraction, nargs=2, action=cmdline.OrderedPair,
+                   default=(0.4, 1.0),
                    help="area range of the 2 global crops; (0.14, 1) when there are no local crops")
-    g.add_argument("--local_crops_number", type=int, default=8, help="0 disables multi-crop")
-    g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4),
+    g.add_argument("--local_crops_number", type=cmdline.nonneg_int, default=8, help="0 disables multi-crop")
+    g.add_argument("--local_crops_scale", type=cmdline.fraction, nargs=2, action=cmdline.OrderedPair,
+                   default=(0.05, 0.4),
                    help="area range of the local crops: small parts of the image")
-    g.add_argument("--global_size", type=int, default=224, help="side of the global crops in pixels")
-    g.add_argument("--local_size", type=int, default=96, help="side of the local crops in pixels")
+    g.add_argument("--global_size", type=cmdline.positive_int, default=224, help="side of the global crops in pixels")
+    g.add_argument("--local_size", type=cmdline.positive_int, default=96, help="side of the local crops in pixels")
     g = p.add_argument_group("data, output, runtime")
     g.add_argument("--data_path", default="textures",
                    help=f"an ImageFolder directory (its train/ when present) or one of {', '.join(data.BUILTIN)}")
     g.add_argument("--output_dir", default="runs/dino", help="checkpoints, log.txt, curves.png")
-    g.add_argument("--saveckp_freq", type=int, default=20,
+    g.add_argument("--saveckp_freq", type=cmdline.nonneg_int, default=20,
                    help="also keep checkpointNNNN.pth after epochs 0, N, 2N, ... (NNNN counts from 0, as official)")
     g.add_argument("--resume", default="auto",
                    help="'auto': continue from output_dir/checkpoint.pth if it exists; a path; or 'none'")
-    g.add_argument("--eval_every", type=int, default=0, help="k-NN evaluation every N epochs (0: never)")
-    g.add_argument("--seed", type=int, default=0, help="initial weights, data order and crops all follow it")
-    g.add_argument("--num_workers", type=int, default=10, help="data-loading processes per GPU")
-    g.add_argument("--log_freq", type=int, default=10, help="steps between progress updates (each one syncs)")
+    g.add_argument("--eval_every", type=cmdline.nonneg_int, default=0, help="k-NN evaluation every N epochs (0: never)")
+    g.add_argument("--seed", type=cmdline.seed, default=0, help="initial weights, data order and crops all follow it")
+    g.add_argument("--num_workers", type=cmdline.nonneg_int, default=10, help="data-loading processes per GPU")
+    g.add_argument("--log_freq", type=cmdline.positive_int, default=10,
+                   help="steps between progress updates (each one syncs)")
     g = p.add_argument_group("speed")
-    g.add_argument("--benchmark", type=int, default=0, metavar="N",
+    g.add_argument("--benchmark", type=cmdline.nonneg_int, default=0, metavar="N",
                    help="time N training steps on synthetic batches and exit")
-    g.add_argument("--benchmark_data", type=int, default=0, metavar="N",
+    g.add_argument("--benchmark_data", type=cmdline.nonneg_int, default=0, metavar="N",
                    help="time N training steps with the real data loader and exit")
     g.add_argument("--reference_mode", action="store_true",
                    help="the official recipe for comparison: fp16 + GradScaler, eager, explicit attention, "
@@ -486,21 +483,22 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    if args.arch not in vits.ARCHS:
-        raise UsageError(f"unknown --arch {args.arch}; choose from {', '.join(vits.ARCHS)}")
+    """The rules across flags (each flag's own range is its argparse type), before anything is written."""
     for name in ("global_size", "local_size"):
         if getattr(args, name) % args.patch_size:
             raise UsageError(f"--patch_size {args.patch_size} does not divide --{name} {getattr(args, name)}; "
                              f"choose crop sizes that are multiples of the patch size")
-    if args.local_crops_number < 0:
-        raise UsageError(f"--local_crops_number must be >= 0, got {args.local_crops_number}")
-    if args.batch_size_per_gpu < 1 or args.epochs < 1:
-        raise UsageError("--batch_size_per_gpu and --epochs must be positive")
+    if args.global_size // args.patch_size > knn.MAX_SIDE:
+        raise UsageError(f"--global_size {args.global_size} is {args.global_size // args.patch_size} patches of "
+                         f"{args.patch_size} px per side, more than {knn.MAX_SIDE}; lower it or raise --patch_size")
     if args.warmup_epochs > args.epochs or args.warmup_teacher_temp_epochs > args.epochs:
         raise UsageError(f"--warmup_epochs ({args.warmup_epochs}) and --warmup_teacher_temp_epochs "
                          f"({args.warmup_teacher_temp_epochs}) cannot exceed --epochs ({args.epochs}); lower them")
-    if not 0 <= args.momentum_teacher <= 1:
-        raise UsageError(f"--momentum_teacher must lie in [0, 1], got {args.momentum_teacher}")
+    if args.eval_every and Path(args.data_path).is_dir() and not (Path(args.data_path) / "val").is_dir():
+        raise UsageError(f"--eval_every {args.eval_every} needs a val/ folder in --data_path {args.data_path} for the "
+                         f"k-NN queries; add one or pass --eval_every 0")
+    if not (args.benchmark or args.benchmark_data):
+        cmdline.check_output_dir(args.output_dir)
 
 
 # ---------------------------------------------------------------------------- main
@@ -525,16 +523,11 @@ def main(args):
 
 
 def cli(argv=None):
-    args = parse_args(argv)
     try:
-        code = main(args)
-    except (UsageError, data.DataError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+        return cmdline.run(main, parse_args, argv)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return code
 
 
 if __name__ == "__main__":
