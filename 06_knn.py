@@ -56,7 +56,7 @@ def extract_features(model, dataset, device, batch_size=256, num_workers=0, dtyp
     n = len(dataset)
     subset = torch.utils.data.Subset(dataset, range(rank, n, world))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", worker_init_fn=data.ignore_stop_signals)
     feats, labels = [], []
     model.eval()
     for images, targets in loader:

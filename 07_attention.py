@@ -125,8 +125,9 @@ def load_image(spec):
         return multicrop.sample_image(), "sample photograph"
     if spec.startswith("textures:"):
         n, size = spec[len("textures:"):], data.PER_CLASS["val"] * len(data.TEXTURES)
-        if not (n.isascii() and n.isdigit() and int(n) < size):
-            raise cli.UsageError(f"--image {spec}: N in textures:N is an image of the val split, 0 to {size - 1}")
+        if not (n.isascii() and n.isdigit() and len(n) <= len(str(size)) and int(n) < size):
+            raise cli.UsageError(f"--image {spec!r}: expected textures:N with N from 0 to {size - 1} (an image of "
+                                 f"the embedded val split)")
         ds = data.TexturesDataset("val", per_class=int(n) // len(data.TEXTURES) + 1)  # its first images only
         img, y = ds[int(n)]
         return img, f"textures val image {n} ({data.TEXTURES[y]})"
@@ -142,10 +143,10 @@ def prepare(args):
     h, w = resized_shape(image, image_size)
     grid = (h // args.patch_size, w // args.patch_size)
     if not 1 <= grid[0] * grid[1] <= knn.MAX_SIDE ** 2:
-        raise cli.UsageError(f"{what} ({image.size[0]} x {image.size[1]} px) at --image_size {image_size} is {w} x "
-                             f"{h} px (the long side at most twice the short), {grid[1]} x {grid[0]} patches of "
-                             f"{args.patch_size} px; choose --image_size for 1 to {knn.MAX_SIDE ** 2} patches, or "
-                             f"crop the image")
+        raise cli.UsageError(f"{what} ({image.size[0]} x {image.size[1]} px) resized for --image_size {image_size} "
+                             f"(the long side at most twice the short) is {w} x {h} px: {grid[1]} x {grid[0]} patches "
+                             f"of {args.patch_size} px; choose an --image_size that gives 1 to {knn.MAX_SIDE ** 2} "
+                             f"patches, or crop the image")
     return model, image_tensor(image, image_size), what
 
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,7 +42,9 @@ def load_file(path):
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the path of a .pth file")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # the official checkpoints' args
+        # argparse.Namespace: the official checkpoints' args; warnings: odd bytes make torch warn before it fails
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):

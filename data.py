@@ -95,7 +95,7 @@ def open_image(path):
         img.load()  # closes the file
     except Exception as e:
         reason = (str(e).splitlines() or ["no message"])[0][:200]
-        raise DataError(f"unreadable image {path} ({type(e).__name__}: {reason})") from None
+        raise DataError(f"unreadable image {path} ({type(e).__name__}: {reason}); re-save or remove it") from None
     if img.mode.startswith("I"):  # "I;16", "I;16B", ... and "I" (32-bit integers)
         a = np.asarray(img, dtype=np.float64)
         if a.min() < 0 or a.max() > 65535:
@@ -130,9 +130,16 @@ class SafeImageFolder:
                                 f"check the data")
 
         try:
-            return _Safe(root, transform=transform, loader=open_image)
+            dataset = _Safe(root, transform=transform, loader=open_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"no images in {root} ({e}); expected ROOT/class_name/image.jpg") from None
+        for path, _ in dataset.samples[:16]:  # unreadable data fails now, not later inside a loader worker
+            try:
+                open_image(path)
+                return dataset
+            except DataError as e:
+                last = e
+        raise DataError(f"the first images in {root} are all unreadable (the last: {last}); check the data")
 
 
 def _torchvision(name, split, transform, download_dir):
@@ -263,9 +270,16 @@ class SeededCrops(torch.utils.data.Dataset):
             return self.dataset[i]
 
 
-def ignore_sigint(_):
-    """Ctrl-C reaches every process of the terminal; the workers leave it to the main process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# Ctrl-C reaches every process of the terminal, and SIGTERM / SIGUSR1 every process of the group (SLURM's scancel,
+# preemption and --signal ahead of a time limit; systemd; timeout). The main process finishes its step and saves.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def ignore_stop_signals(_):
+    """In each loader worker: leave the stop signals to the main process (a worker killed by one would end the
+    run without its checkpoint)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, pin_memory=False):
@@ -275,7 +289,7 @@ def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, pin
     return torch.utils.data.DataLoader(
         SeededCrops(dataset, seed), sampler=sampler, batch_size=batch_size, num_workers=num_workers,
         pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigint)
+        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
 
 
 if __name__ == "__main__":

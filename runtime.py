@@ -51,7 +51,7 @@ def check_writable(out):
 
 
 class Stop:
-    """Ctrl-C / SIGTERM: finish the current step, checkpoint, exit cleanly."""
+    """Ctrl-C / SIGTERM / SIGUSR1: finish the current step, checkpoint, exit cleanly."""
 
     def __init__(self):
         self.requested = False

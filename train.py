@@ -237,12 +237,31 @@ def checkpoint_state(dino, args, epoch, step):
             "epoch": epoch, "step": step, "args": vars(args), "scaler": dino.scaler.state_dict()}
 
 
-def load_checkpoint(path, dino):
-    """Restore a checkpoint_state into `dino`; returns its (epoch, step). Any key mismatch is an error."""
+# what a checkpoint's network and optimizer state are made for: a resumed run must have the same
+RESUME_FLAGS = ("arch", "patch_size", "global_size", "out_dim", "use_bn_in_head", "norm_last_layer", "optimizer")
+
+
+def read_checkpoint(path, args):
+    """A checkpoint_state from `path`, checked against this run's flags before anything is written: the same
+    RESUME_FLAGS, and when it stopped mid-epoch the same batch size (its step counts batches of that size)."""
     state = ckpt.load_file(path)
-    if not isinstance(state, dict) or not {"student", "teacher", "optimizer", "dino_loss", "epoch"} <= set(state):
+    if not isinstance(state, dict) or not {"student", "teacher", "optimizer", "dino_loss", "epoch"} <= set(state) \
+            or not all(isinstance(state.get(k, 0), int) and state.get(k, 0) >= 0 for k in ("epoch", "step")):
         raise ckpt.CheckpointError(f"{path} is not a train.py checkpoint (needs student, teacher, optimizer, "
                                    f"dino_loss, epoch); 06_knn.py and 07_attention.py take backbone files")
+    saved = state.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved if isinstance(saved, dict) else {}
+    for name in RESUME_FLAGS + (("batch_size_per_gpu",) if state.get("step") else ()):
+        if name in saved and saved[name] != getattr(args, name):
+            why = " and stopped mid-epoch" if name == "batch_size_per_gpu" else ""
+            raise UsageError(f"{path} was trained with --{name} {saved[name]}{why}, this run has "
+                             f"{getattr(args, name)}; resume with the same flags, or start afresh with --resume none "
+                             f"or a new --output_dir")
+    return state
+
+
+def load_checkpoint(state, path, dino):
+    """Restore a checkpoint_state into `dino`; returns its (epoch, step). Any key mismatch is an error."""
     ckpt.load_strict(dino.student, state["student"], f"{path} (student)")
     ckpt.load_strict(dino.teacher, state["teacher"], f"{path} (teacher)")
     ckpt.load_strict(dino.loss_fn, state["dino_loss"], f"{path} (dino_loss)")
@@ -306,7 +325,7 @@ def setup(args):
         args.precision, args.compile = ("fp16" if cuda else "fp32"), False
     precision = args.precision if args.precision != "auto" else ("bf16" if cuda else "fp32")
     use_compile = cuda if args.compile is None else args.compile
-    check_args(args)
+    resume = check_args(args)  # (path, state) of the checkpoint to continue from, or None
     runtime.seed_everything(args.seed)  # the same initial weights on every rank: the teacher is copied before DDP
     out = Path(args.output_dir)
     benchmarking = args.benchmark or args.benchmark_data
@@ -319,8 +338,6 @@ def setup(args):
     if len(dataset) < total_batch:
         raise UsageError(f"the dataset has {len(dataset)} images, fewer than one batch of {total_batch} "
                          f"(batches are full, drop_last); lower --batch_size_per_gpu")
-    if rank == 0 and not benchmarking:  # after the checks above: bad input creates nothing
-        runtime.check_writable(out)
     workers = min(args.num_workers, os.cpu_count() or 1)
     if device.type == "cpu":  # the augmentation workers need cores too
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers)))
@@ -354,19 +371,21 @@ def setup(args):
                 args.clip_grad, args.freeze_last_layer)
     run = Run(args, device, precision, use_compile, rank, world, loader, niter, workers, out, log_rows=[])
 
-    resume = out / "checkpoint.pth" if args.resume == "auto" else (None if args.resume == "none" else Path(args.resume))
-    if resume is not None and (resume.exists() or args.resume != "auto") and not benchmarking:
-        run.start_epoch, run.start_step = load_checkpoint(resume, dino)
+    if resume:
+        path, state = resume
+        run.start_epoch, run.start_step = load_checkpoint(state, path, dino)
         log_file = out / "log.txt"
         rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] \
             if log_file.exists() else []
         run.log_rows = [r for r in rows if r["epoch"] < run.start_epoch]
-        run.resumed_from = resume if run.start_epoch or run.start_step else None
+        run.resumed_from = path if run.start_epoch or run.start_step else None
     if use_compile:  # in place: state-dict keys stay the same; one graph per crop resolution
         for m in (student.backbone, student.head, teacher.backbone, teacher.head):
             m.compile(dynamic=False)
     if world > 1:
         dino.student = nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if cuda else None)
+    if rank == 0 and not benchmarking:  # last: bad input, found above, creates nothing
+        runtime.check_writable(out)
     return dino, run
 
 
@@ -483,7 +502,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """The rules across flags (each flag's own range is its argparse type), before anything is written."""
+    """The rules across flags (each flag's own range is its argparse type), run before anything is written.
+    Returns the checkpoint this run continues from, (path, state) checked against the flags, or None."""
     for name in ("global_size", "local_size"):
         if getattr(args, name) % args.patch_size:
             raise UsageError(f"--patch_size {args.patch_size} does not divide --{name} {getattr(args, name)}; "
@@ -497,8 +517,14 @@ def check_args(args):
     if args.eval_every and Path(args.data_path).is_dir() and not (Path(args.data_path) / "val").is_dir():
         raise UsageError(f"--eval_every {args.eval_every} needs a val/ folder in --data_path {args.data_path} for the "
                          f"k-NN queries; add one or pass --eval_every 0")
-    if not (args.benchmark or args.benchmark_data):
-        cmdline.check_output_dir(args.output_dir)
+    if args.benchmark or args.benchmark_data:  # nothing is read from or written to --output_dir
+        return None
+    cmdline.check_output_dir(args.output_dir)
+    checkpoint = Path(args.output_dir) / "checkpoint.pth"
+    if args.resume == "none" or (args.resume == "auto" and not checkpoint.exists()):
+        return None
+    path = checkpoint if args.resume == "auto" else Path(args.resume)
+    return path, read_checkpoint(path, args)
 
 
 # ---------------------------------------------------------------------------- main
@@ -514,7 +540,7 @@ def main(args):
         if run.resumed_from:
             print(f"resumed from {run.resumed_from} at epoch {run.start_epoch}, iteration {run.start_step}")
     stop = runtime.Stop()
-    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.signal(sig, stop) for sig in data.STOP_SIGNALS}
     try:
         return fit(dino, run, stop)
     finally:
