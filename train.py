@@ -514,9 +514,6 @@ def check_args(args):
     if args.warmup_epochs > args.epochs or args.warmup_teacher_temp_epochs > args.epochs:
         raise UsageError(f"--warmup_epochs ({args.warmup_epochs}) and --warmup_teacher_temp_epochs "
                          f"({args.warmup_teacher_temp_epochs}) cannot exceed --epochs ({args.epochs}); lower them")
-    if args.eval_every and Path(args.data_path).is_dir() and not (Path(args.data_path) / "val").is_dir():
-        raise UsageError(f"--eval_every {args.eval_every} needs a val/ folder in --data_path {args.data_path} for the "
-                         f"k-NN queries; add one or pass --eval_every 0")
     if args.benchmark or args.benchmark_data:  # nothing is read from or written to --output_dir
         return None
     cmdline.check_output_dir(args.output_dir)
