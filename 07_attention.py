@@ -137,9 +137,9 @@ def load_image(spec):
 def prepare(args):
     """Everything that can be wrong with the input, found before any work: (model, image tensor, its name)."""
     cli.check_output_dir(args.output_dir)
+    image, what = load_image(args.image)
     model, size, _ = knn.build_backbone(args)  # size: --image_size, else the checkpoint's crop size, else 224
     image_size = size if args.image_size or args.checkpoint else 480
-    image, what = load_image(args.image)
     h, w = resized_shape(image, image_size)
     grid = (h // args.patch_size, w // args.patch_size)
     if not 1 <= grid[0] * grid[1] <= knn.MAX_SIDE ** 2:

@@ -94,7 +94,7 @@ def flags_and_values(name):
 
 @pytest.mark.parametrize("name", CLIS)
 def test_generated_values_at_every_numeric_flag(name, work):
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
     @given(flags_and_values(name))
     def check(flags):
         contract(name, base_argv(name, work) + [x for f in flags for x in f], work)
@@ -132,7 +132,7 @@ def test_generated_bytes_at_every_file_argument(name, flag, real, work):
     if flag != "--image":  # a network from the file instead
         argv = [a for a in argv if a not in ("--random_init", "--resume", "none")]
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
     @given(payloads(len(real)))
     def check(payload):
         write(path, payload, real)
@@ -233,7 +233,7 @@ def test_images_that_cannot_be_read_are_named(work):
 
 
 @pytest.mark.parametrize("spec,code", [("textures:abc", 2), ("textures:", 2), ("textures:999999", 2),
-                                       ("textures:-1", 2), ("textures:" + "9" * 5000, 2), ("textures:999", 0),
+                                       ("textures:-1", 2), ("textures:" + "9" * 5000, 2), ("textures:1000", 2),
                                        ("textures:9", 0)])
 def test_textures_image_specs(spec, code, work):
     got, err = contract("07", base_argv("07", work) + ["--image", spec], work)
