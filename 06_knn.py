@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torchvision import transforms
 
 import checkpoint as ckpt
+import cli
 import data
 
 vits = importlib.import_module("02_vit")
@@ -55,7 +56,7 @@ def extract_features(model, dataset, device, batch_size=256, num_workers=0, dtyp
     n = len(dataset)
     subset = torch.utils.data.Subset(dataset, range(rank, n, world))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", worker_init_fn=data.ignore_stop_signals)
     feats, labels = [], []
     model.eval()
     for images, targets in loader:
@@ -96,20 +97,36 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     return 100.0 * correct1 / n, 100.0 * correct5 / n
 
 
+def match_classes(train_set, val_set):
+    """Val labels in train's numbering, (C_val,): each split numbers its own classes (ImageFolder sorts its
+    folders), so they are matched by name. A val class absent from train could never be predicted: an error."""
+    train_classes, val_classes = list(train_set.classes), list(val_set.classes)
+    missing = [c for c in val_classes if c not in train_classes]
+    if missing:
+        raise data.DataError(f"the val split has classes that the train split lacks: {', '.join(missing)}; k-NN "
+                             f"can only predict classes of its memory bank: add them to train or remove them from val")
+    unused = [c for c in train_classes if c not in val_classes]
+    if unused:
+        print(f"note: train classes without val images (their neighbours still vote): {', '.join(unused)}")
+    return torch.tensor([train_classes.index(c) for c in val_classes])
+
+
 def evaluate(backbone, data_path, image_size, device, nb_knn=(10, 20, 100, 200), temperature=0.07,
              batch_size=256, num_workers=0, dtype=None):
     """k-NN accuracies {k: (top1, top5)} of a backbone on a dataset's train (memory) and val (queries)."""
     tf = eval_transform(image_size)
     train_set = data.build_dataset(data_path, "train", tf)
     val_set = data.build_dataset(data_path, "val", tf)
+    val_to_train = match_classes(train_set, val_set)
     train_f, train_l = extract_features(backbone, train_set, device, batch_size, num_workers, dtype)
     test_f, test_l = extract_features(backbone, val_set, device, batch_size, num_workers, dtype)
-    num_classes = len(getattr(train_set, "classes", [])) or None
-    return {k: knn_classifier(train_f, train_l, test_f, test_l, k, temperature, num_classes) for k in nb_knn}
+    test_l = val_to_train.to(test_l.device)[test_l]
+    return {k: knn_classifier(train_f, train_l, test_f, test_l, k, temperature, len(train_set.classes))
+            for k in nb_knn}
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Weighted k-NN evaluation of DINO features", add_help=True)
+    p = cli.Parser("Weighted k-NN evaluation of DINO features")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
     src.add_argument("--pretrained", help="an official released backbone or full official checkpoint")
@@ -118,17 +135,21 @@ def get_args_parser():
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
                    help="the paper evaluates the teacher, which is better than the student throughout training")
     p.add_argument("--arch", default="vit_small", choices=sorted(vits.ARCHS), help="for --pretrained / --random_init")
-    p.add_argument("--patch_size", "--patch", type=int, default=16)
-    p.add_argument("--image_size", type=int, default=None,
+    p.add_argument("--patch_size", "--patch", type=cli.positive_int, default=16)
+    p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="centre-crop size; default: the checkpoint's global crop size, else 224")
     p.add_argument("--data_path", default="textures",
                    help="ImageFolder with train/ and val/, or " + ", ".join(data.BUILTIN))
-    p.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200])
-    p.add_argument("--temperature", type=float, default=0.07, help="T in exp(s / T), as in Wu et al. 2018")
-    p.add_argument("--batch_size_per_gpu", type=int, default=256)
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--nb_knn", type=cli.positive_int, nargs="+", default=[10, 20, 100, 200])
+    p.add_argument("--temperature", type=cli.positive_float, default=0.07,
+                   help="T in exp(s / T), as in Wu et al. 2018")
+    p.add_argument("--batch_size_per_gpu", type=cli.positive_int, default=256)
+    p.add_argument("--num_workers", type=cli.nonneg_int, default=2)
     p.add_argument("--output_dir", default=None, help="where knn.json goes; default: beside the checkpoint")
     return p
+
+
+MAX_SIDE = 128  # patches per side: beyond, the attention of one image needs gigabytes
 
 
 def build_backbone(args):
@@ -138,8 +159,13 @@ def build_backbone(args):
         train_args = obj.get("args", {}) if isinstance(obj, dict) else {}
         train_args = vars(train_args) if isinstance(train_args, argparse.Namespace) else train_args  # official
         if isinstance(train_args, dict) and "arch" in train_args:
-            args.arch, args.patch_size = train_args["arch"], train_args["patch_size"]
+            args.arch, args.patch_size = train_args["arch"], train_args.get("patch_size")
             args.image_size = args.image_size or train_args.get("global_size")
+            if args.arch not in vits.ARCHS or not all(isinstance(v, int) and v > 0 for v in
+                                                      (args.patch_size, args.image_size or 224)):
+                raise ckpt.CheckpointError(f"{args.checkpoint} has unusable args (arch {args.arch!r}, patch_size "
+                                           f"{args.patch_size!r}, global_size {args.image_size!r}); pass a "
+                                           f"checkpoint written by train.py")
         source, out_dir = obj, Path(args.checkpoint).parent
     elif args.pretrained:
         source, out_dir = ckpt.load_file(args.pretrained), Path(".")
@@ -147,23 +173,34 @@ def build_backbone(args):
         return torch.nn.Flatten(), args.image_size or 224, Path(args.output_dir or ".")
     else:
         source, out_dir = None, Path(".")
-    if args.arch not in vits.ARCHS:
-        raise ckpt.CheckpointError(f"unknown --arch {args.arch}; choose from {', '.join(sorted(vits.ARCHS))}")
     image_size = args.image_size or 224
+    side = image_size // args.patch_size
+    if not 1 <= side <= MAX_SIDE:
+        raise cli.UsageError(f"--image_size {image_size} and --patch_size {args.patch_size} give {side} x {side} "
+                             f"patches; choose them for 1 to {MAX_SIDE} patches per side")
     model = vits.ARCHS[args.arch](patch_size=args.patch_size, img_size=image_size)
     if source is not None:
-        sd = ckpt.backbone_state_dict(source, args.checkpoint_key)
-        if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:  # trained at another size
+        what = args.checkpoint or args.pretrained
+        sd = ckpt.backbone_state_dict(source, args.checkpoint_key, what)
+        pos = sd.get("pos_embed")
+        if pos is not None and pos.ndim == 3 and pos.shape != model.pos_embed.shape:  # trained at another size
             model = vits.ARCHS[args.arch](patch_size=args.patch_size,
-                                          img_size=int(round((sd["pos_embed"].shape[1] - 1) ** 0.5)) * args.patch_size)
-        ckpt.load_strict(model, sd, args.checkpoint or args.pretrained)
+                                          img_size=int(round((pos.shape[1] - 1) ** 0.5)) * args.patch_size)
+        ckpt.load_strict(model, sd, what)
     return model, image_size, Path(args.output_dir) if args.output_dir else out_dir
+
+
+def prepare(args):
+    """Everything that can be wrong with the input, found before any work: (backbone, image_size, out_dir)."""
+    model, image_size, out_dir = build_backbone(args)
+    cli.check_output_dir(out_dir)
+    return model, image_size, out_dir
 
 
 def main(args):
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, image_size, out_dir = build_backbone(args)
+    model, image_size, out_dir = prepare(args)
     model.to(device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     results = evaluate(model, args.data_path, image_size, device, args.nb_knn, args.temperature,
@@ -184,9 +221,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except (data.DataError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run(main, get_args_parser().parse_args))

@@ -14,27 +14,33 @@ Usage:
     python 07_attention.py --checkpoint OUT/checkpoint.pth --image IMG --output_dir DIR [--threshold 0.6]
     python 07_attention.py --pretrained dino_deitsmall8_pretrain.pth --arch vit_small --patch_size 8
 """
-import argparse
 import importlib
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision import transforms
 
-import checkpoint as ckpt
+import cli
 import data
 
 multicrop = importlib.import_module("01_multicrop")
 knn = importlib.import_module("06_knn")
 
 
+def resized_shape(image, image_size):
+    """(h, w): the shorter side at image_size, the longer at most twice that. Without the cap, a 4 x 1000 px
+    image at 480 px becomes 480 x 120000 px, 900000 patches, and quadratic attention over them never ends."""
+    w, h = image.size
+    scale = min(image_size / min(w, h), 2 * image_size / max(w, h))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def image_tensor(image, image_size):
-    """Resize the shorter side to image_size, normalise, crop to a multiple of the patch size later."""
+    """Resize (see resized_shape), normalise; attention_maps crops to a multiple of the patch size."""
     tf = transforms.Compose([
-        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(resized_shape(image, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.ToTensor(),
         transforms.Normalize(multicrop.IMAGENET_MEAN, multicrop.IMAGENET_STD),
     ])
@@ -93,47 +99,61 @@ def save_figure(img, maps, patch_size, path, threshold=None, title=""):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DINO self-attention maps")
+    p = cli.Parser("DINO self-attention maps")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
     src.add_argument("--pretrained", help="an official released backbone or full official checkpoint")
     src.add_argument("--random_init", action="store_true", help="an untrained network, for comparison")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default="vit_small", help="for --pretrained / --random_init")
-    p.add_argument("--patch_size", "--patch", type=int, default=8)
+    p.add_argument("--arch", default="vit_small", choices=sorted(knn.vits.ARCHS),
+                   help="for --pretrained / --random_init")
+    p.add_argument("--patch_size", "--patch", type=cli.positive_int, default=8)
     p.add_argument("--image", default=None,
                    help="an image file; default: a photograph shipped with matplotlib; 'textures:N' for image N "
                         "of the embedded dataset's val split")
-    p.add_argument("--image_size", type=int, default=None,
+    p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="shorter side in pixels; default: the checkpoint's global crop size, else 480")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=cli.fraction, default=None,
                    help="also outline the smallest set of patches holding this share of each head's attention")
     p.add_argument("--output_dir", default="attention")
     return p
 
 
 def load_image(spec):
+    """(image, what it is) for --image: None, textures:N or a file, decoded in full here."""
     if spec is None:
         return multicrop.sample_image(), "sample photograph"
     if spec.startswith("textures:"):
-        ds = data.TexturesDataset("val", per_class=max(1, int(spec.split(":")[1]) // len(data.TEXTURES) + 1))
-        img, y = ds[int(spec.split(":")[1])]
-        return img, f"textures val image ({data.TEXTURES[y]})"
-    try:
-        return Image.open(spec), spec
-    except OSError as e:
-        raise data.DataError(f"cannot read image {spec} ({e}); pass a JPEG or PNG file") from None
+        n, size = spec[len("textures:"):], data.PER_CLASS["val"] * len(data.TEXTURES)
+        if not (n.isascii() and n.isdigit() and len(n) <= len(str(size)) and int(n) < size):
+            raise cli.UsageError(f"--image {spec!r}: expected textures:N with N from 0 to {size - 1} (an image of "
+                                 f"the embedded val split)")
+        ds = data.TexturesDataset("val", per_class=int(n) // len(data.TEXTURES) + 1)  # its first images only
+        img, y = ds[int(n)]
+        return img, f"textures val image {n} ({data.TEXTURES[y]})"
+    return data.open_image(spec), spec
+
+
+def prepare(args):
+    """Everything that can be wrong with the input, found before any work: (model, image tensor, its name)."""
+    cli.check_output_dir(args.output_dir)
+    image, what = load_image(args.image)
+    model, size, _ = knn.build_backbone(args)  # size: --image_size, else the checkpoint's crop size, else 224
+    image_size = size if args.image_size or args.checkpoint else 480
+    h, w = resized_shape(image, image_size)
+    grid = (h // args.patch_size, w // args.patch_size)
+    if not 1 <= grid[0] * grid[1] <= knn.MAX_SIDE ** 2:
+        raise cli.UsageError(f"{what} ({image.size[0]} x {image.size[1]} px) resized for --image_size {image_size} "
+                             f"(the long side at most twice the short) is {w} x {h} px: {grid[1]} x {grid[0]} patches "
+                             f"of {args.patch_size} px; choose an --image_size that gives 1 to {knn.MAX_SIDE ** 2} "
+                             f"patches, or crop the image")
+    return model, image_tensor(image, image_size), what
 
 
 def main(args):
-    if args.threshold is not None and not 0 < args.threshold <= 1:
-        raise data.DataError(f"--threshold must lie in (0, 1], got {args.threshold}")
-    out_dir = Path(args.output_dir)
-    model, size, _ = knn.build_backbone(args)  # size: --image_size, else the checkpoint's crop size, else 224
-    image_size = size if args.image_size or args.checkpoint else 480
-    image, what = load_image(args.image)
-    img = image_tensor(image, image_size)
+    model, img, what = prepare(args)
     maps = attention_maps(model, img, args.patch_size)
+    out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"{args.arch}/{args.patch_size}, {what}, last block CLS attention"
     up, masks = save_figure(img, maps, args.patch_size, out_dir / "attention.png", args.threshold, title)
@@ -145,9 +165,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except (data.DataError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run(main, get_args_parser().parse_args))

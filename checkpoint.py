@@ -10,6 +10,7 @@ import argparse
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,12 +37,14 @@ def save_atomic(obj, path):
 
 
 def load_file(path):
-    """torch.load(weights_only=True) with one-line errors instead of tracebacks."""
+    """torch.load(weights_only=True) with one-line errors instead of tracebacks, whatever the bytes."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the path of a .pth file")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # the official checkpoints' args
+        # argparse.Namespace: the official checkpoints' args; warnings: odd bytes make torch warn before it fails
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
@@ -51,9 +54,10 @@ def load_file(path):
                 f"(e.g. torch.save(torch.load(p, weights_only=False)['teacher'], 'teacher.pth'))") from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (it does not unpickle); pass a .pth file "
                               f"written by torch.save") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # arbitrary bytes raise anything (EOFError, KeyError, RuntimeError, ...) on the way
+        reason = (str(e).splitlines() or ["no message"])[0][:200]
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {reason}); "
+                              f"pass a .pth file written by torch.save") from None
 
 
 def strip_prefixes(state_dict, prefixes=("module.", "_orig_mod.")):
@@ -69,24 +73,31 @@ def strip_prefixes(state_dict, prefixes=("module.", "_orig_mod.")):
     return out
 
 
-def backbone_state_dict(obj, key="teacher"):
+def tensors(obj, what):
+    """`obj` itself when it is a state dict (names to tensors), else an error naming what it is."""
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                       for k, v in obj.items()):
+        raise CheckpointError(f"{what} is not a state dict (names to tensors); is it a DINO checkpoint?")
+    return obj
+
+
+def backbone_state_dict(obj, key="teacher", what="the file"):
     """The backbone weights from any of: our checkpoint, an official checkpoint, a released backbone."""
     if not isinstance(obj, dict):
-        raise CheckpointError(f"expected a state dict or a checkpoint dict, found {type(obj).__name__}")
+        raise CheckpointError(f"{what} holds a {type(obj).__name__}, not a state dict or a checkpoint dict")
     if key in obj and isinstance(obj[key], dict):
         obj = obj[key]
     elif any(k in obj for k in ("teacher", "student")):
-        raise CheckpointError(f"the checkpoint has no '{key}' entry (it has {sorted(obj)})")
-    sd = strip_prefixes(obj)
+        raise CheckpointError(f"{what} has no '{key}' entry (it has {sorted(map(str, obj))})")
+    sd = strip_prefixes(tensors(obj, what))
     if any(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    if not all(torch.is_tensor(v) for v in sd.values()) or not sd:
-        raise CheckpointError("the file holds no tensors under the expected keys; is it a DINO checkpoint?")
     return sd
 
 
 def load_strict(module, state_dict, what):
     """load_state_dict(strict=True), with the mismatched keys or shapes named in one line."""
+    state_dict = tensors(state_dict, what)
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))

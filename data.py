@@ -22,6 +22,7 @@ from PIL import Image
 
 BUILTIN = ("textures", "cifar10", "cifar100", "stl10")
 TEXTURES = ("hstripes", "vstripes", "checker", "dots", "rings", "grid", "diagonals", "blobs", "waves", "rays")
+PER_CLASS = {"train": 500, "val": 100}  # images of each pattern in the embedded splits
 CACHE = Path(os.environ.get("DINO_DATA", Path.home() / ".cache" / "dino-data"))
 
 
@@ -70,7 +71,7 @@ class TexturesDataset(torch.utils.data.Dataset):
     """The embedded dataset: `per_class` images of each of the ten patterns, fixed by `split`."""
 
     def __init__(self, split="train", transform=None, per_class=None, size=64):
-        per_class = per_class or {"train": 500, "val": 100}[split]
+        per_class = per_class or PER_CLASS[split]
         rng = np.random.RandomState({"train": 0, "val": 1}[split])
         self.targets = [i % len(TEXTURES) for i in range(per_class * len(TEXTURES))]
         self.images = np.stack([np.asarray(draw_texture(rng, y, size)) for y in self.targets])  # (n, size, size, 3)
@@ -84,8 +85,34 @@ class TexturesDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
+def open_image(path):
+    """An image file as 8-bit RGB, decoded now: a truncated or corrupt file fails here, as a DataError naming it.
+    Deeper images keep their real values: 16-bit integers (PNG, TIFF) are divided by 257 (65535 -> 255);
+    floats (TIFF) in [0, 1] are multiplied by 255, and floats outside [0, 1] are refused, since no one scaling
+    of them is right for every image (PIL's own convert("RGB") clips both kinds to 0 or 255)."""
+    try:  # bytes from anywhere can raise anything inside PIL, not only OSError
+        img = Image.open(path)
+        img.load()  # closes the file
+    except Exception as e:
+        reason = (str(e).splitlines() or ["no message"])[0][:200]
+        raise DataError(f"unreadable image {path} ({type(e).__name__}: {reason}); re-save or remove it") from None
+    if img.mode.startswith("I"):  # "I;16", "I;16B", ... and "I" (32-bit integers)
+        a = np.asarray(img, dtype=np.float64)
+        if a.min() < 0 or a.max() > 65535:
+            raise DataError(f"unreadable image {path} (integer values in [{a.min():g}, {a.max():g}], beyond 16 "
+                            f"bits); save it with 8 or 16 bits")
+        img = Image.fromarray((a / 257).round().astype(np.uint8))
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if not (np.isfinite(a).all() and 0 <= a.min() and a.max() <= 1):
+            raise DataError(f"unreadable image {path} (float values in [{a.min():g}, {a.max():g}], outside "
+                            f"[0, 1]); rescale it to [0, 1] or save it with 8 or 16 bits")
+        img = Image.fromarray((a * 255).round().astype(np.uint8))
+    return img.convert("RGB")
+
+
 class SafeImageFolder:
-    """torchvision's ImageFolder, but an unreadable file is skipped with one warning naming it
+    """torchvision's ImageFolder, read with open_image; an unreadable file is skipped with one warning naming it
     (a few corrupt files in a million should not end a run of days)."""
 
     def __new__(cls, root, transform=None):
@@ -96,14 +123,23 @@ class SafeImageFolder:
                 for k in range(16):
                     try:
                         return super().__getitem__((i + k) % len(self))
-                    except OSError as e:
-                        warnings.warn(f"skipping unreadable image {self.samples[(i + k) % len(self)][0]}: {e}")
-                raise DataError(f"16 unreadable images in a row near index {i} in {root}: check the data")
+                    except DataError as e:
+                        warnings.warn(f"skipping {e}")
+                        last = e
+                raise DataError(f"16 unreadable images in a row near index {i} in {root} (the last: {last}); "
+                                f"check the data")
 
         try:
-            return _Safe(root, transform=transform)
+            dataset = _Safe(root, transform=transform, loader=open_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"no images in {root} ({e}); expected ROOT/class_name/image.jpg") from None
+        for path, _ in dataset.samples[:16]:  # unreadable data fails now, not later inside a loader worker
+            try:
+                open_image(path)
+                return dataset
+            except DataError as e:
+                last = e
+        raise DataError(f"the first images in {root} are all unreadable (the last: {last}); check the data")
 
 
 def _torchvision(name, split, transform, download_dir):
@@ -234,9 +270,16 @@ class SeededCrops(torch.utils.data.Dataset):
             return self.dataset[i]
 
 
-def ignore_sigint(_):
-    """Ctrl-C reaches every process of the terminal; the workers leave it to the main process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# Ctrl-C reaches every process of the terminal, and SIGTERM / SIGUSR1 every process of the group (SLURM's scancel,
+# preemption and --signal ahead of a time limit; systemd; timeout). The main process finishes its step and saves.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def ignore_stop_signals(_):
+    """In each loader worker: leave the stop signals to the main process (a worker killed by one would end the
+    run without its checkpoint)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, pin_memory=False):
@@ -246,7 +289,7 @@ def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, pin
     return torch.utils.data.DataLoader(
         SeededCrops(dataset, seed), sampler=sampler, batch_size=batch_size, num_workers=num_workers,
         pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigint)
+        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
 
 
 if __name__ == "__main__":

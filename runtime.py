@@ -10,9 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class UsageError(Exception):
-    """Bad command-line input: the message names the problem and the fix."""
+from cli import UsageError
 
 
 def init_distributed():
@@ -53,7 +51,7 @@ def check_writable(out):
 
 
 class Stop:
-    """Ctrl-C / SIGTERM: finish the current step, checkpoint, exit cleanly."""
+    """Ctrl-C / SIGTERM / SIGUSR1: finish the current step, checkpoint, exit cleanly."""
 
     def __init__(self):
         self.requested = False

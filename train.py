@@ -28,10 +28,11 @@ import torch.nn as nn
 
 import benchmark
 import checkpoint as ckpt
+import cli as cmdline
 import data
 import monitor
 import runtime
-from runtime import UsageError
+from cli import UsageError
 
 multicrop = importlib.import_module("01_multicrop")
 vits = importlib.import_module("02_vit")
@@ -239,12 +240,31 @@ def checkpoint_state(dino, args, epoch, step):
             "epoch": epoch, "step": step, "args": vars(args), "scaler": dino.scaler.state_dict()}
 
 
-def load_checkpoint(path, dino):
-    """Restore a checkpoint_state into `dino`; returns its (epoch, step). Any key mismatch is an error."""
+# what a checkpoint's network and optimizer state are made for: a resumed run must have the same
+RESUME_FLAGS = ("arch", "patch_size", "global_size", "out_dim", "use_bn_in_head", "norm_last_layer", "optimizer")
+
+
+def read_checkpoint(path, args):
+    """A checkpoint_state from `path`, checked against this run's flags before anything is written: the same
+    RESUME_FLAGS, and when it stopped mid-epoch the same batch size (its step counts batches of that size)."""
     state = ckpt.load_file(path)
-    if not isinstance(state, dict) or not {"student", "teacher", "optimizer", "dino_loss", "epoch"} <= set(state):
+    if not isinstance(state, dict) or not {"student", "teacher", "optimizer", "dino_loss", "epoch"} <= set(state) \
+            or not all(isinstance(state.get(k, 0), int) and state.get(k, 0) >= 0 for k in ("epoch", "step")):
         raise ckpt.CheckpointError(f"{path} is not a train.py checkpoint (needs student, teacher, optimizer, "
                                    f"dino_loss, epoch); 06_knn.py and 07_attention.py take backbone files")
+    saved = state.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved if isinstance(saved, dict) else {}
+    for name in RESUME_FLAGS + (("batch_size_per_gpu",) if state.get("step") else ()):
+        if name in saved and saved[name] != getattr(args, name):
+            why = " and stopped mid-epoch" if name == "batch_size_per_gpu" else ""
+            raise UsageError(f"{path} was trained with --{name} {saved[name]}{why}, this run has "
+                             f"{getattr(args, name)}; resume with the same flags, or start afresh with --resume none "
+                             f"or a new --output_dir")
+    return state
+
+
+def load_checkpoint(state, path, dino):
+    """Restore a checkpoint_state into `dino`; returns its (epoch, step). Any key mismatch is an error."""
     ckpt.load_strict(dino.student, state["student"], f"{path} (student)")
     ckpt.load_strict(dino.teacher, state["teacher"], f"{path} (teacher)")
     ckpt.load_strict(dino.loss_fn, state["dino_loss"], f"{path} (dino_loss)")
@@ -308,7 +328,7 @@ def setup(args):
         args.precision, args.compile = ("fp16" if cuda else "fp32"), False
     precision = args.precision if args.precision != "auto" else ("bf16" if cuda else "fp32")
     use_compile = cuda if args.compile is None else args.compile
-    check_args(args)
+    resume = check_args(args)  # (path, state) of the checkpoint to continue from, or None
     runtime.seed_everything(args.seed)  # the same initial weights on every rank: the teacher is copied before DDP
     out = Path(args.output_dir)
     benchmarking = args.benchmark or args.benchmark_data
@@ -321,8 +341,6 @@ def setup(args):
     if len(dataset) < total_batch:
         raise UsageError(f"the dataset has {len(dataset)} images, fewer than one batch of {total_batch} "
                          f"(batches are full, drop_last); lower --batch_size_per_gpu")
-    if rank == 0 and not benchmarking:  # after the checks above: bad input creates nothing
-        runtime.check_writable(out)
     workers = min(args.num_workers, os.cpu_count() or 1)
     if device.type == "cpu":  # the augmentation workers need cores too
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers)))
@@ -357,19 +375,21 @@ def setup(args):
                 args.clip_grad, args.freeze_last_layer)
     run = Run(args, device, precision, use_compile, rank, world, loader, niter, workers, out, log_rows=[])
 
-    resume = out / "checkpoint.pth" if args.resume == "auto" else (None if args.resume == "none" else Path(args.resume))
-    if resume is not None and (resume.exists() or args.resume != "auto") and not benchmarking:
-        run.start_epoch, run.start_step = load_checkpoint(resume, dino)
+    if resume:
+        path, state = resume
+        run.start_epoch, run.start_step = load_checkpoint(state, path, dino)
         log_file = out / "log.txt"
         rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] \
             if log_file.exists() else []
         run.log_rows = [r for r in rows if r["epoch"] < run.start_epoch]
-        run.resumed_from = resume if run.start_epoch or run.start_step else None
+        run.resumed_from = path if run.start_epoch or run.start_step else None
     if use_compile:  # in place: state-dict keys stay the same; one graph per crop resolution
         for m in (student.backbone, student.head, teacher.backbone, teacher.head):
             m.compile(dynamic=False)
     if world > 1:
         dino.student = nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if cuda else None)
+    if rank == 0 and not benchmarking:  # last: bad input, found above, creates nothing
+        runtime.check_writable(out)
     return dino, run
 
 
@@ -397,85 +417,81 @@ PRESETS = {
 }
 
 
-def bool_flag(s):
-    if s.lower() in ("true", "1", "yes", "on"):
-        return True
-    if s.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser("DINO", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cmdline.Parser("DINO", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named set of defaults (explicit flags still win)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit_small", help=f"one of {', '.join(vits.ARCHS)}")
-    g.add_argument("--patch_size", "--patch", type=int, default=16,
+    g.add_argument("--arch", default="vit_small", choices=list(vits.ARCHS))
+    g.add_argument("--patch_size", "--patch", type=cmdline.positive_int, default=16,
                    help="smaller patches: better features, quadratically more tokens; "
                         "with patches < 16 the authors train in fp32 (fp16 overflows), bf16 is fine")
-    g.add_argument("--out_dim", type=int, default=65536,
+    g.add_argument("--out_dim", type=cmdline.positive_int, default=65536,
                    help="K, the number of prototypes; 1024-8192 converges faster on small datasets")
-    g.add_argument("--norm_last_layer", type=bool_flag, default=True,
+    g.add_argument("--norm_last_layer", type=cmdline.bool_flag, default=True,
                    help="unit-norm prototypes: more stable; False improves ViT-S but can diverge")
-    g.add_argument("--momentum_teacher", type=float, default=0.996,
+    g.add_argument("--momentum_teacher", type=cmdline.probability, default=0.996,
                    help="m_0, cosine to 1 over training; raise it (0.9995) for small batches (256)")
-    g.add_argument("--use_bn_in_head", type=bool_flag, default=False, help="BatchNorm in the head (ResNets)")
-    g.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth, student only")
+    g.add_argument("--use_bn_in_head", type=cmdline.bool_flag, default=False, help="BatchNorm in the head (ResNets)")
+    g.add_argument("--drop_path_rate", type=cmdline.below_one, default=0.1, help="stochastic depth, student only")
     g = p.add_argument_group("temperatures")
-    g.add_argument("--warmup_teacher_temp", type=float, default=0.04,
+    g.add_argument("--warmup_teacher_temp", type=cmdline.positive_float, default=0.04,
                    help="tau_t at the start; too high and training does not start, so start low")
-    g.add_argument("--teacher_temp", type=float, default=0.04,
+    g.add_argument("--teacher_temp", type=cmdline.positive_float, default=0.04,
                    help="tau_t after warm-up; above 0.07 is unstable; 0.07 with warm-up is the 'boosted' recipe")
-    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=0,
+    g.add_argument("--warmup_teacher_temp_epochs", type=cmdline.nonneg_int, default=0,
                    help="epochs of linear tau_t warm-up (30 in the boosted recipe)")
     g = p.add_argument_group("optimization")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="auto: bf16 on CUDA (no loss scaling needed), fp32 elsewhere; fp16 adds a GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile student and teacher; default on for CUDA, off elsewhere")
-    g.add_argument("--weight_decay", type=float, default=0.04, help="start of the cosine weight-decay schedule")
-    g.add_argument("--weight_decay_end", type=float, default=0.4,
+    g.add_argument("--weight_decay", type=cmdline.nonneg_float, default=0.04,
+                   help="start of the cosine weight-decay schedule")
+    g.add_argument("--weight_decay_end", type=cmdline.nonneg_float, default=0.4,
                    help="end of the schedule: a larger wd late in training helps ViTs")
-    g.add_argument("--clip_grad", type=float, default=3.0,
+    g.add_argument("--clip_grad", type=cmdline.nonneg_float, default=3.0,
                    help="max gradient norm per parameter tensor (not global); 0 disables")
-    g.add_argument("--batch_size_per_gpu", type=int, default=64, help="images per process and step")
-    g.add_argument("--epochs", type=int, default=100, help="passes over the training set")
-    g.add_argument("--steps", type=int, default=0,
+    g.add_argument("--batch_size_per_gpu", type=cmdline.positive_int, default=64, help="images per process and step")
+    g.add_argument("--epochs", type=cmdline.positive_int, default=100, help="passes over the training set")
+    g.add_argument("--steps", type=cmdline.nonneg_int, default=0,
                    help="if > 0, a budget of about this many iterations: sets the epochs from the dataset's size "
                         "(at least --epochs; shorter epochs on large datasets), warm-up and evaluation in proportion")
-    g.add_argument("--freeze_last_layer", type=int, default=1,
+    g.add_argument("--freeze_last_layer", type=cmdline.nonneg_int, default=1,
                    help="epochs during which the prototypes get no gradient: eases the start")
-    g.add_argument("--lr", type=float, default=5e-4,
+    g.add_argument("--lr", type=cmdline.positive_float, default=5e-4,
                    help="peak lr at a total batch of 256, scaled linearly with the total batch")
-    g.add_argument("--warmup_epochs", type=int, default=10, help="linear lr warm-up from 0")
-    g.add_argument("--min_lr", type=float, default=1e-6, help="lr at the end of the cosine decay")
+    g.add_argument("--warmup_epochs", type=cmdline.nonneg_int, default=10, help="linear lr warm-up from 0")
+    g.add_argument("--min_lr", type=cmdline.nonneg_float, default=1e-6, help="lr at the end of the cosine decay")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                    help="adamw is the paper's choice for ViTs; sgd (momentum 0.9) for convnets")
     g = p.add_argument_group("multi-crop")
-    g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0),
+    g.add_argument("--global_crops_scale", type=cmdline.fraction, nargs=2, action=cmdline.OrderedPair,
+                   default=(0.4, 1.0),
                    help="area range of the 2 global crops; (0.14, 1) when there are no local crops")
-    g.add_argument("--local_crops_number", type=int, default=8, help="0 disables multi-crop")
-    g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4),
+    g.add_argument("--local_crops_number", type=cmdline.nonneg_int, default=8, help="0 disables multi-crop")
+    g.add_argument("--local_crops_scale", type=cmdline.fraction, nargs=2, action=cmdline.OrderedPair,
+                   default=(0.05, 0.4),
                    help="area range of the local crops: small parts of the image")
-    g.add_argument("--global_size", type=int, default=224, help="side of the global crops in pixels")
-    g.add_argument("--local_size", type=int, default=96, help="side of the local crops in pixels")
+    g.add_argument("--global_size", type=cmdline.positive_int, default=224, help="side of the global crops in pixels")
+    g.add_argument("--local_size", type=cmdline.positive_int, default=96, help="side of the local crops in pixels")
     g = p.add_argument_group("data, output, runtime")
     g.add_argument("--data_path", default="textures",
                    help=f"an ImageFolder directory (its train/ when present) or one of {', '.join(data.BUILTIN)}")
     g.add_argument("--output_dir", default="runs/dino", help="checkpoints, log.txt, curves.png")
-    g.add_argument("--saveckp_freq", type=int, default=20,
+    g.add_argument("--saveckp_freq", type=cmdline.nonneg_int, default=20,
                    help="also keep checkpointNNNN.pth after epochs 0, N, 2N, ... (NNNN counts from 0, as official)")
     g.add_argument("--resume", default="auto",
                    help="'auto': continue from output_dir/checkpoint.pth if it exists; a path; or 'none'")
-    g.add_argument("--eval_every", type=int, default=0, help="k-NN evaluation every N epochs (0: never)")
-    g.add_argument("--seed", type=int, default=0, help="initial weights, data order and crops all follow it")
-    g.add_argument("--num_workers", type=int, default=10, help="data-loading processes per GPU")
-    g.add_argument("--log_freq", type=int, default=10, help="steps between progress updates (each one syncs)")
+    g.add_argument("--eval_every", type=cmdline.nonneg_int, default=0, help="k-NN evaluation every N epochs (0: never)")
+    g.add_argument("--seed", type=cmdline.seed, default=0, help="initial weights, data order and crops all follow it")
+    g.add_argument("--num_workers", type=cmdline.nonneg_int, default=10, help="data-loading processes per GPU")
+    g.add_argument("--log_freq", type=cmdline.positive_int, default=10,
+                   help="steps between progress updates (each one syncs)")
     g = p.add_argument_group("speed")
-    g.add_argument("--benchmark", type=int, default=0, metavar="N",
+    g.add_argument("--benchmark", type=cmdline.nonneg_int, default=0, metavar="N",
                    help="time N training steps on synthetic batches and exit")
-    g.add_argument("--benchmark_data", type=int, default=0, metavar="N",
+    g.add_argument("--benchmark_data", type=cmdline.nonneg_int, default=0, metavar="N",
                    help="time N training steps with the real data loader and exit")
     g.add_argument("--reference_mode", action="store_true",
                    help="the official recipe for comparison: fp16 + GradScaler, eager, explicit attention, "
@@ -492,21 +508,26 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    if args.arch not in vits.ARCHS:
-        raise UsageError(f"unknown --arch {args.arch}; choose from {', '.join(vits.ARCHS)}")
+    """The rules across flags (each flag's own range is its argparse type), run before anything is written.
+    Returns the checkpoint this run continues from, (path, state) checked against the flags, or None."""
     for name in ("global_size", "local_size"):
         if getattr(args, name) % args.patch_size:
             raise UsageError(f"--patch_size {args.patch_size} does not divide --{name} {getattr(args, name)}; "
                              f"choose crop sizes that are multiples of the patch size")
-    if args.local_crops_number < 0:
-        raise UsageError(f"--local_crops_number must be >= 0, got {args.local_crops_number}")
-    if args.batch_size_per_gpu < 1 or args.epochs < 1:
-        raise UsageError("--batch_size_per_gpu and --epochs must be positive")
+    if args.global_size // args.patch_size > knn.MAX_SIDE:
+        raise UsageError(f"--global_size {args.global_size} is {args.global_size // args.patch_size} patches of "
+                         f"{args.patch_size} px per side, more than {knn.MAX_SIDE}; lower it or raise --patch_size")
     if args.warmup_epochs > args.epochs or args.warmup_teacher_temp_epochs > args.epochs:
         raise UsageError(f"--warmup_epochs ({args.warmup_epochs}) and --warmup_teacher_temp_epochs "
                          f"({args.warmup_teacher_temp_epochs}) cannot exceed --epochs ({args.epochs}); lower them")
-    if not 0 <= args.momentum_teacher <= 1:
-        raise UsageError(f"--momentum_teacher must lie in [0, 1], got {args.momentum_teacher}")
+    if args.benchmark or args.benchmark_data:  # nothing is read from or written to --output_dir
+        return None
+    cmdline.check_output_dir(args.output_dir)
+    checkpoint = Path(args.output_dir) / "checkpoint.pth"
+    if args.resume == "none" or (args.resume == "auto" and not checkpoint.exists()):
+        return None
+    path = checkpoint if args.resume == "auto" else Path(args.resume)
+    return path, read_checkpoint(path, args)
 
 
 # ---------------------------------------------------------------------------- main
@@ -522,7 +543,7 @@ def main(args):
         if run.resumed_from:
             print(f"resumed from {run.resumed_from} at epoch {run.start_epoch}, iteration {run.start_step}")
     stop = runtime.Stop()
-    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.signal(sig, stop) for sig in data.STOP_SIGNALS}
     try:
         return fit(dino, run, stop)
     finally:
@@ -531,16 +552,11 @@ def main(args):
 
 
 def cli(argv=None):
-    args = parse_args(argv)
     try:
-        code = main(args)
-    except (UsageError, data.DataError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
+        return cmdline.run(main, parse_args, argv)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return code
 
 
 if __name__ == "__main__":

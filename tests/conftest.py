@@ -1,5 +1,7 @@
 import importlib
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +40,11 @@ def make_image_folder(root, labels, per_split):
 def folder(tmp_path_factory):
     """A tiny ImageFolder of 2 classes: 12 training and 6 validation images."""
     return make_image_folder(tmp_path_factory.mktemp("imgs"), (0, 1), {"train": 6, "val": 3})
+
+
+def png_claiming(width, height):
+    """A PNG written by hand, whose header claims any size (PIL refuses beyond 2 x 89 million pixels)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))

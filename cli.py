@@ -1,0 +1,109 @@
+"""The command line's edge, shared by train.py, 06_knn.py and 07_attention.py.
+
+The contract: bad input ends with exactly one line starting `error:` on stderr, exit code 2, no traceback,
+and nothing written. This module is where it is kept:
+- argparse types that state their domain (`positive_int`, `probability`, ...), so that argparse itself
+  rejects a value, naming the flag, the value and the allowed range;
+- `Parser`, whose errors are that one line (argparse's own print a usage block first);
+- `run`, the one place where the project's error classes become that line and exit code 2.
+Rules across flags stay in each CLI's own checking function, which runs before anything is written.
+"""
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import checkpoint
+import data
+
+
+class UsageError(Exception):
+    """Bad command-line input that no single flag's type can see: the message names the problem and the fix."""
+
+
+ERRORS = (UsageError, data.DataError, checkpoint.CheckpointError)
+
+
+def number(kind, ok, domain):
+    """An argparse type: `kind(s)` when it satisfies `ok`, else an error that states the domain."""
+    def parse(s):
+        try:
+            x = kind(s)
+            valid = ok(x)  # nan fails every comparison, so it is refused too
+        except ValueError:
+            valid = False
+        if not valid:
+            raise argparse.ArgumentTypeError(f"expected {domain}, got {s!r}")
+        return x
+    parse.__name__ = domain
+    return parse
+
+
+positive_int = number(int, lambda x: x >= 1, "an integer >= 1")
+nonneg_int = number(int, lambda x: x >= 0, "an integer >= 0")
+seed = number(int, lambda x: 0 <= x < 2 ** 63, "an integer in [0, 2^63)")  # torch.manual_seed's range
+positive_float = number(float, lambda x: 0 < x < math.inf, "a finite number > 0")
+nonneg_float = number(float, lambda x: 0 <= x < math.inf, "a finite number >= 0")
+probability = number(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
+fraction = number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
+below_one = number(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
+
+
+def bool_flag(s):
+    if s.lower() in ("true", "1", "yes", "on"):
+        return True
+    if s.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+class OrderedPair(argparse.Action):
+    """nargs=2 with low <= high, stored as a tuple (e.g. an area range of crops, with type=fraction)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        low, high = values
+        if low > high:
+            parser.error(f"argument {option_string}: expected LOW HIGH with LOW <= HIGH, got {low} {high}; swap them")
+        setattr(namespace, self.dest, (low, high))
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors follow the contract: one `error:` line, exit code 2."""
+
+    def error(self, message):
+        sys.exit(error(message))
+
+
+def error(e):
+    """Print the contract's one line for an exception or a message; returns the exit code, 2. An exception raised
+    in a DataLoader worker arrives as the same class with the worker's traceback as its message: its last line
+    holds the original message."""
+    message = str(e).strip()
+    if "Original Traceback" in message:
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)
+    return 2
+
+
+def run(main, parse, argv=None):
+    """parse(argv), then main(args): the exit code, with the project's errors ended as one `error:` line and 2."""
+    try:
+        args = parse(argv)
+    except SystemExit as e:  # a bad flag (Parser.error has printed its line), or --help
+        return e.code
+    try:
+        return main(args) or 0
+    except ERRORS as e:
+        return error(e)
+
+
+def check_output_dir(path, flag="--output_dir"):
+    """Before any work: an output folder that is a file, or that cannot be created or written to, is an error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is an existing file; pass a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the folder it would be created in
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {flag} {path} ({existing} is not a writable directory); "
+                         f"choose a writable directory")
