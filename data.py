@@ -182,7 +182,66 @@ def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, pin
         prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigint)
 
 
+# ---------------------------------------------------------------------------- folders of JPEGs, built offline
+def _sample_photographs():
+    """Colour photographs that ship inside installed packages (no download): scikit-image's data
+    module, scikit-learn's sample images and matplotlib's sample data. One class per photograph."""
+    import matplotlib
+    import skimage
+    import sklearn
+    skimage_dir = Path(skimage.__file__).parent / "data"
+    sklearn_dir = Path(sklearn.__file__).parent / "datasets" / "images"
+    mpl_dir = Path(matplotlib.get_data_path()) / "sample_data"
+    return {"astronaut": skimage_dir / "astronaut.png", "cat": skimage_dir / "chelsea.png",
+            "coffee": skimage_dir / "coffee.png", "motorcycle": skimage_dir / "motorcycle_left.png",
+            "rocket": skimage_dir / "rocket.jpg", "galaxies": skimage_dir / "hubble_deep_field.jpg",
+            "retina": skimage_dir / "retina.jpg", "flower": sklearn_dir / "flower.jpg",
+            "temple": sklearn_dir / "china.jpg", "portrait": mpl_dir / "grace_hopper.jpg"}
+
+
+def make_photos(out_dir, per_class={"train": 30, "val": 10}, size=(500, 375), quality=90, seed=0):
+    """An ImageNet-like ImageFolder, OUT/{train,val}/<photograph>/NNN.jpg: 400 JPEGs of 500 x 375
+    (a quarter of them 375 x 500, portrait) at quality 90, each a random crop (25-100 % of the area,
+    the output's aspect ratio), possibly mirrored, of one of ten photographs. ImageNet's typical file
+    size and compression, so decoding and cropping cost what they cost there; the same bytes on every
+    run (given the same Pillow). Few classes of one photograph each: for timing the input pipeline,
+    not for judging features."""
+    rng = np.random.RandomState(seed)
+    out_dir = Path(out_dir)
+    for name, path in _sample_photographs().items():
+        photo = Image.open(path).convert("RGB")
+        W, H = photo.size
+        for split, n in per_class.items():
+            (out_dir / split / name).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                w, h = size if rng.rand() >= 0.25 else size[::-1]
+                area = rng.uniform(0.25, 1.0) * W * H
+                cw = min(W, round(math.sqrt(area * w / h)))  # a crop of the output's aspect ratio
+                ch = min(H, round(cw * h / w))
+                cw = min(cw, round(ch * w / h))
+                x0, y0 = rng.randint(0, W - cw + 1), rng.randint(0, H - ch + 1)
+                img = photo.resize((w, h), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+                if rng.rand() < 0.5:
+                    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                img.save(out_dir / split / name / f"{k:03d}.jpg", quality=quality)
+    return out_dir
+
+
+MAKERS = {"photos": make_photos}  # name -> function(out_dir): `python data.py --make NAME DIR`
+
+
 if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="draw the textures dataset (textures.png), or build a dataset folder")
+    p.add_argument("--make", nargs=2, metavar=("NAME", "DIR"), help=f"build NAME ({', '.join(MAKERS)}) into DIR")
+    cli = p.parse_args()
+    if cli.make:
+        name, out = cli.make
+        if name not in MAKERS:
+            p.error(f"unknown dataset {name}; choose from {', '.join(MAKERS)}")
+        MAKERS[name](out)
+        print(f"built {name} in {out} ({sum(1 for _ in Path(out).rglob('*.*'))} files)")
+        raise SystemExit(0)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
