@@ -84,11 +84,21 @@ class TexturesDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
+def decode_image_file(path):
+    """An image file as a uint8 tensor (3, H, W), RGB: torchvision's decoders (libjpeg-turbo for JPEGs, also
+    PNG, WebP, GIF; grayscale and CMYK converted), a little cheaper than PIL's and already a tensor."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError as e:  # what the decoders raise on a corrupt file: an unreadable image, as PIL's OSError
+        raise OSError(str(e)) from None
+
+
 class SafeImageFolder:
     """torchvision's ImageFolder, but an unreadable file is skipped with one warning naming it
-    (a few corrupt files in a million should not end a run of days)."""
+    (a few corrupt files in a million should not end a run of days). loader: path -> image (PIL's by default)."""
 
-    def __new__(cls, root, transform=None):
+    def __new__(cls, root, transform=None, loader=None):
         from torchvision.datasets import ImageFolder
 
         class _Safe(ImageFolder):
@@ -101,7 +111,7 @@ class SafeImageFolder:
                 raise DataError(f"16 unreadable images in a row near index {i} in {root}: check the data")
 
         try:
-            return _Safe(root, transform=transform)
+            return _Safe(root, transform=transform, **({"loader": loader} if loader else {}))
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"no images in {root} ({e}); expected ROOT/class_name/image.jpg") from None
 
@@ -122,8 +132,10 @@ def _torchvision(name, split, transform, download_dir):
                         f"directory as --data_path") from None
 
 
-def build_dataset(data_path, split, transform=None, download_dir=None):
-    """split: 'pretrain' (what DINO trains on), 'train' or 'val' (the k-NN memory bank and queries)."""
+def build_dataset(data_path, split, transform=None, download_dir=None, loader=None):
+    """split: 'pretrain' (what DINO trains on), 'train' or 'val' (the k-NN memory bank and queries).
+    loader: how an ImageFolder reads a file (PIL by default; decode_image_file gives tensors); the
+    built-in datasets always give PIL images."""
     if data_path in BUILTIN:
         if data_path == "textures":
             return TexturesDataset("val" if split == "val" else "train", transform)
@@ -137,7 +149,7 @@ def build_dataset(data_path, split, transform=None, download_dir=None):
         root = sub
     elif split == "val":
         raise DataError(f"{data_path} has no val/ folder; k-NN evaluation needs ROOT/train and ROOT/val")
-    return SafeImageFolder(str(root), transform)
+    return SafeImageFolder(str(root), transform, loader)
 
 
 # ---------------------------------------------------------------------------- training loader
