@@ -33,7 +33,9 @@ Departures of the split version from the PIL one (same distribution, different a
       borders, torchvision's Gaussian (13 taps for sigma_max = 2 px: +-3 sigma at the largest sigma, and
       more for smaller ones), where PIL approximates the Gaussian by three box filters;
     - the crops are resampled by torch's antialiased bicubic on 8-bit tensors, PIL's filter in vectorised
-      code (the two agree within 2 levels of 255), from an image decoded by torchvision.io.decode_image;
+      code (the two agree within 2 levels of 255); a JPEG is decoded at 1/2, 1/4 or 1/8 of its size (DCT
+      scaling, PIL's draft) when even the smallest crop of the image keeps at least its output's pixels:
+      a cheaper decode of large files, never a blurrier crop (at ImageNet's ~500 x 375 px it never applies);
     - the crop and flip draws come from a Python generator seeded from torch's, the photometric draws from
       torch's generator on the CPU (so the masks are known without a device sync): both stay fixed by
       torch.manual_seed.
@@ -42,11 +44,11 @@ import math
 import random
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
-from torchvision.transforms.functional import pil_to_tensor
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -120,26 +122,39 @@ def random_resized_crop_box(W, H, scale, rng, ratio=(3 / 4, 4 / 3)):
     return (W - w) // 2, (H - h) // 2, w, h
 
 
+def load_pixels(image, reduction=1.0):
+    """An image file (a path) or a PIL image as RGB uint8 (3, H, W). A JPEG file is decoded at 1/2, 1/4 or
+    1/8 of its size (DCT scaling, PIL's draft) when `reduction` allows: a cheaper decode of large files."""
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)  # reads the header only
+        if reduction >= 2:
+            image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
+    if image.mode != "RGB":  # grayscale, CMYK, palette
+        image = image.convert("RGB")
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W): decoded here
+
+
 class MultiCropGeometry:
     """The per-image half of DataAugmentationDINO, for the data-loading workers: where each crop comes from
-    and whether it is mirrored. Takes a decoded image, a uint8 tensor (3, H, W) (see data.decode_image_file)
-    or a PIL image; returns [g1, g2, l1..lN] as uint8 tensors (3, size, size). Colours are left to
-    PhotometricAugmentation, which runs batched on the training device."""
+    and whether it is mirrored. Takes an image file's path (decoded here, at reduced size when that loses
+    nothing) or a PIL image, and returns [g1, g2, l1..lN] as uint8 tensors (3, size, size). Colours are
+    left to PhotometricAugmentation, which runs batched on the training device."""
 
     def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=8,
                  global_size=224, local_size=96):
         self.views = [(global_size, global_crops_scale)] * 2 + [(local_size, local_crops_scale)] * local_crops_number
 
     def __call__(self, image):
-        if not isinstance(image, torch.Tensor):
-            image = pil_to_tensor(image.convert("RGB"))
-        _, H, W = image.shape
         rng = random.Random(int(torch.randint(2 ** 62, ())))  # torch's generator seeds it: manual_seed fixes all
+        W, H = (image if isinstance(image, Image.Image) else Image.open(image)).size  # a file: its header only
+        boxes = [random_resized_crop_box(W, H, scale, rng) for _, scale in self.views]
+        # how much smaller the image can be decoded with every crop still keeping >= its output's pixels
+        pixels = load_pixels(image, min(min(w, h) / size for (_, _, w, h), (size, _) in zip(boxes, self.views)))
+        sx, sy = pixels.shape[2] / W, pixels.shape[1] / H  # 1, or the decoder's reduction
         crops = []
-        for size, scale in self.views:
-            left, top, w, h = random_resized_crop_box(W, H, scale, rng)
-            region = image[None, :, top:top + h, left:left + w]  # (1, 3, h, w), a view
-            # bicubic with antialiasing on 8-bit pixels: PIL's filter (a = -0.5), torch's vectorised uint8 kernel
+        for (left, top, w, h), (size, _) in zip(boxes, self.views):
+            region = pixels[None, :, round(top * sy):round((top + h) * sy), round(left * sx):round((left + w) * sx)]
+            # antialiased bicubic on 8-bit pixels: PIL's filter (a = -0.5) in torch's vectorised uint8 kernels
             crop = F.interpolate(region, (size, size), mode="bicubic", antialias=True)[0]  # (3, size, size) uint8
             crops.append(crop.flip(-1) if rng.random() < 0.5 else crop)
         return crops  # [g1, g2, l1, ..., lN]
@@ -207,9 +222,9 @@ def solarize(x, threshold=128 / 255):
 JITTER = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # ColorJitter's four, by index
 
 
-def sample_photometric_params(p_blur, p_solarize, sigma_range, generator=None):
-    """The random draws of one batch, one row per crop, on the CPU. p_blur, p_solarize: (n,) probabilities
-    (per crop, as they differ between g1, g2 and the local crops); sigma_range: blur sigma bounds in px."""
+def sample_photometric_params(p_blur, p_solarize, sigma_min, sigma_max, generator=None):
+    """The photometric draws for n crops, one row each: p_blur, p_solarize, sigma_min, sigma_max are (n,),
+    as they differ between g1, g2 and the local crops. Uniform ranges and probabilities of DataAugmentationDINO."""
     n = len(p_blur)
 
     def uniform(lo, hi):
@@ -221,7 +236,7 @@ def sample_photometric_params(p_blur, p_solarize, sigma_range, generator=None):
         "factors": torch.stack([uniform(0.6, 1.4), uniform(0.6, 1.4), uniform(0.8, 1.2), uniform(-0.1, 0.1)], 1),
         "grayscale": torch.rand(n, generator=generator) < 0.2,
         "blur": torch.rand(n, generator=generator) < p_blur,
-        "sigma": uniform(*sigma_range),
+        "sigma": uniform(sigma_min, sigma_max),
         "solarize": torch.rand(n, generator=generator) < p_solarize,
     }
 
@@ -234,7 +249,7 @@ def apply_to(mask, x, fn, *args):
         return fn(x, *args)
     if len(idx):
         i = idx.to(x.device, non_blocking=True)
-        x = x.index_copy(0, i, fn(x.index_select(0, i), *args))
+        x.index_copy_(0, i, fn(x.index_select(0, i), *args))
     return x
 
 
@@ -252,30 +267,47 @@ def apply_photometric(x, params, kernel_size, mean=IMAGENET_MEAN, std=IMAGENET_S
 
 
 class PhotometricAugmentation:
-    """The per-batch half of DataAugmentationDINO, on the training device: takes MultiCropGeometry's uint8
-    crops collated into V tensors (B, 3, size, size), returns them augmented and normalised, same order.
+    """The per-batch half of DataAugmentationDINO. `sample()` draws the parameters for one image's 2 + N crops
+    (in the worker, with that image's seed); calling it on a batch, crops = V uint8 tensors (B, 3, size, size)
+    and the collated draws (B, V, ...), applies them and returns the crops normalised, in the same order.
     Global crop 1 is blurred w.p. 1, global 2 w.p. 0.1 and solarized w.p. 0.2, each local crop blurred
     w.p. 0.5; sigma ~ U[0.1, 2] px at the official sizes, in proportion otherwise."""
 
     def __init__(self, local_crops_number=8, global_size=224, local_size=96):
-        self.local_crops_number = local_crops_number
-        self.sigma = {"global": (0.1 * global_size / 224, 2.0 * global_size / 224),
-                      "local": (0.1 * local_size / 96, 2.0 * local_size / 96)}
-        # +-3 sigma at the largest sigma (13 taps at 224 / 96 px), at most the reflectable border of the crop
-        self.kernel_size = {k: 2 * min(math.ceil(3 * hi), size - 1) + 1
-                            for (k, (_, hi)), size in zip(self.sigma.items(), (global_size, local_size))}
+        N = local_crops_number
+        self.p_blur = torch.tensor([1.0, 0.1] + [0.5] * N)  # per view: g1, g2, l1..lN
+        self.p_solarize = torch.tensor([0.0, 0.2] + [0.0] * N)
+        self.px = torch.tensor([global_size / 224] * 2 + [local_size / 96] * N)  # sigma scales with the crop size
+        # +-3 sigma at the largest sigma (13 taps at 224 / 96 px), at most what a reflected border allows
+        self.kernel_size = [2 * min(math.ceil(3 * s), size - 1) + 1
+                            for s, size in ((2.0 * global_size / 224, global_size), (2.0 * local_size / 96, local_size))]
 
-    def __call__(self, crops, generator=None):
-        B, N = len(crops[0]), self.local_crops_number
+    def sample(self, generator=None):
+        return sample_photometric_params(self.p_blur, self.p_solarize, 0.1 * self.px, 2.0 * self.px, generator)
+
+    def __call__(self, crops, params):
         out = []
-        for kind, views, p_blur, p_solarize in (("global", crops[:2], [1.0, 0.1], [0.0, 0.2]),
-                                                 ("local", crops[2:], [0.5] * N, [0.0] * N)):
-            if not views:
-                continue
-            p_blur, p_solarize = (torch.tensor(p).repeat_interleave(B) for p in (p_blur, p_solarize))  # (V B,)
-            params = sample_photometric_params(p_blur, p_solarize, self.sigma[kind], generator)
-            out += apply_photometric(torch.cat(views), params, self.kernel_size[kind]).chunk(len(views))
+        for views, kernel_size in ((slice(0, 2), self.kernel_size[0]), (slice(2, None), self.kernel_size[1])):
+            x = crops[views]
+            if x:  # one pass per resolution: the views' rows in the order of torch.cat(x), view after view
+                rows = {k: v[:, views].transpose(0, 1).flatten(0, 1) for k, v in params.items()}
+                out += apply_photometric(torch.cat(x), rows, kernel_size).chunk(len(x))
         return out  # [g1, g2, l1, ..., lN], each (B, 3, size, size) float
+
+
+class DataAugmentationDINOSplit:
+    """DataAugmentationDINO's recipe in its two halves. Called on an image (in a data-loading worker): the
+    uint8 crops [g1, g2, l1..lN] and the photometric draws for them; `.photometric(crops, params)` then
+    applies the draws to a collated batch, on whatever device the batch is."""
+
+    def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=8,
+                 global_size=224, local_size=96):
+        self.geometry = MultiCropGeometry(global_crops_scale, local_crops_scale, local_crops_number,
+                                          global_size, local_size)
+        self.photometric = PhotometricAugmentation(local_crops_number, global_size, local_size)
+
+    def __call__(self, image):
+        return self.geometry(image), self.photometric.sample()
 
 
 def denormalize(x):

@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -84,14 +85,10 @@ class TexturesDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
-def decode_image_file(path):
-    """An image file as a uint8 tensor (3, H, W), RGB: torchvision's decoders (libjpeg-turbo for JPEGs, also
-    PNG, WebP, GIF; grayscale and CMYK converted), a little cheaper than PIL's and already a tensor."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except RuntimeError as e:  # what the decoders raise on a corrupt file: an unreadable image, as PIL's OSError
-        raise OSError(str(e)) from None
+def path_only(path):
+    """An ImageFolder loader that leaves the decoding to the transform: the split multi-crop decodes a JPEG
+    at reduced size when its crops allow (ImageFolder's own loader decodes at full size, to RGB)."""
+    return path
 
 
 class SafeImageFolder:
@@ -134,7 +131,7 @@ def _torchvision(name, split, transform, download_dir):
 
 def build_dataset(data_path, split, transform=None, download_dir=None, loader=None):
     """split: 'pretrain' (what DINO trains on), 'train' or 'val' (the k-NN memory bank and queries).
-    loader: how an ImageFolder reads a file (PIL by default; decode_image_file gives tensors); the
+    loader: what an ImageFolder hands the transform (a PIL image in RGB by default, or path_only); the
     built-in datasets always give PIL images."""
     if data_path in BUILTIN:
         if data_path == "textures":
@@ -166,6 +163,11 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 
 class SeededCrops(torch.utils.data.Dataset):
+    """Item `key` = epoch * n + i: image i through the transform, with torch's generator seeded by (seed,
+    epoch, i). Returns (crops, params, target, cpu): params are the photometric draws of the split recipe
+    (01_multicrop.DataAugmentationDINOSplit; {} for DataAugmentationDINO, which returns finished crops),
+    cpu the seconds of CPU this item took in its process (measured, for --benchmark_data)."""
+
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
 
@@ -173,10 +175,50 @@ class SeededCrops(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
+        t0 = time.process_time()
         epoch, i = divmod(key, len(self.dataset))
         with torch.random.fork_rng(devices=[]):  # leave the caller's generator as it was
             torch.manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)  # a tuple of ints hashes the same every run
-            return self.dataset[i]
+            sample, target = self.dataset[i]
+        crops, params = sample if isinstance(sample, tuple) else (sample, {})
+        return crops, params, target, time.process_time() - t0
+
+
+class CollateCrops:
+    """Batches of SeededCrops items, made in the worker. With `augment` (a CPU-only run, where the training
+    device is the CPU) the batched photometric half runs here too, beside the training process, not in it."""
+
+    def __init__(self, augment=None):
+        self.augment = augment
+
+    def __call__(self, items):
+        crops, params, targets, cpu = torch.utils.data.default_collate(items)  # crops: V tensors (B, 3, h, w)
+        t0 = time.process_time()
+        if params and self.augment is not None:
+            crops, params = self.augment(crops, params), {}
+        return crops, params, targets, (float(cpu.sum()), time.process_time() - t0)  # per-image, batched CPU s
+
+
+class DeviceBatches:
+    """The training loader as the loop sees it: (crops, targets) with the crops finished and on `device`;
+    uint8 crops still carrying their photometric draws are augmented there, batched. Counts the images of
+    the batches it handed out and the CPU seconds the workers spent on them: per image (decode, crops, and
+    the whole recipe in reference mode) and batched (the photometric half, when it runs in the workers)."""
+
+    def __init__(self, loader, device, augment):
+        self.loader, self.sampler, self.device, self.augment = loader, loader.sampler, device, augment
+        self.images, self.cpu_seconds, self.cpu_seconds_batched = 0, 0.0, 0.0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for crops, params, targets, cpu in self.loader:
+            self.images += len(targets)
+            self.cpu_seconds += cpu[0]
+            self.cpu_seconds_batched += cpu[1]
+            crops = [c.to(self.device, non_blocking=True) for c in crops]
+            yield (self.augment(crops, params) if params else crops), targets
 
 
 def ignore_sigint(_):
@@ -184,14 +226,18 @@ def ignore_sigint(_):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, pin_memory=False):
-    """Shuffled full batches of multi-crop samples, seeded per (seed, epoch, image); set_epoch and
-    skip go through `loader.sampler`."""
+def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, device=torch.device("cpu"),
+                    augment=None):
+    """Shuffled full batches of multi-crop samples, seeded per (seed, epoch, image), finished on `device`;
+    set_epoch and skip go through `loader.sampler`. augment: the batched photometric half for samples of
+    the split recipe; it runs in the workers when the device is the CPU, on the device otherwise."""
     sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return torch.utils.data.DataLoader(
+    on_cpu = device.type == "cpu"
+    loader = torch.utils.data.DataLoader(
         SeededCrops(dataset, seed), sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-        pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigint)
+        collate_fn=CollateCrops(augment if on_cpu else None), pin_memory=device.type == "cuda", drop_last=True,
+        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_sigint)
+    return DeviceBatches(loader, device, augment)
 
 
 # ---------------------------------------------------------------------------- folders of JPEGs, built offline
