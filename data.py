@@ -178,7 +178,8 @@ class SeededCrops(torch.utils.data.Dataset):
         t0 = time.process_time()
         epoch, i = divmod(key, len(self.dataset))
         with torch.random.fork_rng(devices=[]):  # leave the caller's generator as it was
-            torch.manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)  # a tuple of ints hashes the same every run
+            # a tuple of ints hashes the same every run; the CPU generator only (torch.manual_seed also seeds, lazily, CUDA's)
+            torch.default_generator.manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)
             sample, target = self.dataset[i]
         crops, params = sample if isinstance(sample, tuple) else (sample, {})
         return crops, params, target, time.process_time() - t0
@@ -193,10 +194,11 @@ class CollateCrops:
 
     def __call__(self, items):
         crops, params, targets, cpu = torch.utils.data.default_collate(items)  # crops: V tensors (B, 3, h, w)
-        t0 = time.process_time()
+        batched, t0 = 0.0, time.process_time()
         if params and self.augment is not None:
             crops, params = self.augment(crops, params), {}
-        return crops, params, targets, (float(cpu.sum()), time.process_time() - t0)  # per-image, batched CPU s
+            batched = time.process_time() - t0
+        return crops, params, targets, (float(cpu.sum()), batched)  # CPU seconds: per image, batched
 
 
 class DeviceBatches:
