@@ -3,6 +3,9 @@
 Everything is built exactly as for training (models, compile, precision, optimizer, schedules);
 then warm-up steps (compilation happens there) and N timed steps, on synthetic multi-crop
 batches or, with --benchmark_data, on the real data loader so that its share is visible.
+With synthetic batches the batched photometric augmentation (colour jitter, grayscale, blur,
+solarization, normalisation of 8-bit crops) is timed too, as a share of the step. With the real
+loader, the CPU time its workers spent per image is measured (time.process_time in each worker).
 
 Model FLOPs are counted analytically (a multiply-add is 2 FLOPs), forward = 1 unit, backward = 2:
     student forward + backward on all crops (3x) + teacher forward on the 2 global crops (1x)
@@ -13,6 +16,7 @@ import resource
 import time
 
 import torch
+from torch.utils.data import default_collate
 
 PEAK_TFLOPS_16BIT = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "V100": 125.0}
 
@@ -60,8 +64,8 @@ def measure(train_step, dino, run):
     else:
         def from_loader():
             while True:
-                for crops, _ in run.loader:
-                    yield [c.to(device, non_blocking=True) for c in crops]
+                for crops, _ in run.loader:  # finished crops, on the device
+                    yield crops
         batches = from_loader()
     warmup = 3
     for i in range(warmup):  # compile, cudnn autotuning, allocator warm-up
@@ -97,5 +101,37 @@ def measure(train_step, dino, run):
               f"{'reference mode' if args.reference_mode else 'fast path'}, {device}")
         if args.benchmark_data:
             print(f"data loading: {100 * wait / dt:.1f}% of step time (waiting for the next batch)")
+            print(input_pipeline_line(run.loader))
+        if args.benchmark and run.loader.augment is not None:
+            ms = 1000 * time_photometric(run.loader.augment, B, args, device, sync, n_steps)
+            print(f"photometric augmentation (batched, on {device}): {ms:.1f} ms/step, "
+                  f"{100 * ms / (1000 * dt / n_steps):.1f}% of the step")
         print(line)
     return 0
+
+
+def input_pipeline_line(loader):
+    """CPU per image in the data-loading workers, measured there; the batched photometric half counts
+    too when it ran in the workers (a CPU-only run: on an accelerator it runs on the device)."""
+    per_image, batched = 1000 * loader.cpu_seconds / loader.images, 1000 * loader.cpu_seconds_batched / loader.images
+    line = (f"input pipeline: {per_image + batched:.2f} ms of CPU per image, "
+            f"{1000 / (per_image + batched):.0f} img/s per worker core")
+    if batched:
+        line += (f" (per image: decode, crops, flips {per_image:.2f} ms; batched photometric half, in the workers "
+                 f"on a CPU-only run: {batched:.2f} ms)")
+    return line
+
+
+def time_photometric(augment, B, args, device, sync, n):
+    """Seconds per batch of the photometric half on B synthetic images of uint8 crops (draws as in training)."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops_number
+    crops = [torch.randint(0, 256, (B, 3, s, s), dtype=torch.uint8, generator=g).to(device) for s in sizes]
+    params = default_collate([augment.sample(g) for _ in range(B)])
+    augment(crops, params)  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        augment(crops, params)
+    sync()
+    return (time.perf_counter() - t0) / n

@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -111,11 +112,17 @@ def open_image(path):
     return img.convert("RGB")
 
 
-class SafeImageFolder:
-    """torchvision's ImageFolder, read with open_image; an unreadable file is skipped with one warning naming it
-    (a few corrupt files in a million should not end a run of days)."""
+def path_if_jpeg(path):
+    """The split multi-crop's loader: a JPEG stays a path, which the transform decodes at reduced size when its
+    crops allow (a truncated one fails there, as an OSError); any other file goes through open_image."""
+    return path if str(path).lower().endswith((".jpg", ".jpeg")) else open_image(path)
 
-    def __new__(cls, root, transform=None):
+
+class SafeImageFolder:
+    """torchvision's ImageFolder, read with open_image (or `loader`); an unreadable file is skipped with one
+    warning naming it (a few corrupt files in a million should not end a run of days)."""
+
+    def __new__(cls, root, transform=None, loader=None):
         from torchvision.datasets import ImageFolder
 
         class _Safe(ImageFolder):
@@ -123,14 +130,14 @@ class SafeImageFolder:
                 for k in range(16):
                     try:
                         return super().__getitem__((i + k) % len(self))
-                    except DataError as e:
+                    except (DataError, OSError) as e:  # OSError: a JPEG decoded by the transform
                         warnings.warn(f"skipping {e}")
                         last = e
                 raise DataError(f"16 unreadable images in a row near index {i} in {root} (the last: {last}); "
                                 f"check the data")
 
         try:
-            dataset = _Safe(root, transform=transform, loader=open_image)
+            dataset = _Safe(root, transform=transform, loader=loader or open_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"no images in {root} ({e}); expected ROOT/class_name/image.jpg") from None
         for path, _ in dataset.samples[:16]:  # unreadable data fails now, not later inside a loader worker
@@ -163,8 +170,10 @@ def has_val(data_path):
     return data_path in BUILTIN or (Path(data_path) / "val").is_dir() and (Path(data_path) / "train").is_dir()
 
 
-def build_dataset(data_path, split, transform=None, download_dir=None):
-    """split: 'pretrain' (what DINO trains on), 'train' or 'val' (the k-NN memory bank and queries)."""
+def build_dataset(data_path, split, transform=None, download_dir=None, loader=None):
+    """split: 'pretrain' (what DINO trains on), 'train' or 'val' (the k-NN memory bank and queries).
+    loader: what an ImageFolder hands the transform (an RGB PIL image by default, or path_if_jpeg); the
+    built-in datasets always give PIL images."""
     if data_path in BUILTIN:
         if data_path == "textures":
             return TexturesDataset("val" if split == "val" else "train", transform)
@@ -178,7 +187,7 @@ def build_dataset(data_path, split, transform=None, download_dir=None):
         root = sub
     elif split == "val":
         raise DataError(f"{data_path} has no val/ folder; k-NN evaluation needs ROOT/train and ROOT/val")
-    return SafeImageFolder(str(root), transform)
+    return SafeImageFolder(str(root), transform, loader)
 
 
 # ---------------------------------------------------------------------------- small real datasets
@@ -236,12 +245,6 @@ def make_digits(out):
         Image.fromarray((x * 255 / 16).round().astype(np.uint8)).save(d / f"{i:04d}.png")
 
 
-MAKERS = {
-    "digits": make_digits,
-    "photos": lambda out: _write_crops(_photos(), out, 400, (0.15, 0.45), "jpg"),  # 4,400 colour crops
-    "surfaces": lambda out: _write_crops(_gray_surfaces(), out, 400, (0.1, 0.3), "png"),  # 2,800 gray crops
-}
-
 
 # ---------------------------------------------------------------------------- training loader
 class EpochSampler(torch.utils.data.DistributedSampler):
@@ -257,6 +260,11 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 
 class SeededCrops(torch.utils.data.Dataset):
+    """Item `key` = epoch * n + i: image i through the transform, with torch's generator seeded by (seed,
+    epoch, i). Returns (crops, params, target, cpu): params are the photometric draws of the split recipe
+    (01_multicrop.DataAugmentationDINOSplit; {} for DataAugmentationDINO, which returns finished crops),
+    cpu the seconds of CPU this item took in its process (measured, for --benchmark_data)."""
+
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
 
@@ -264,10 +272,52 @@ class SeededCrops(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
+        t0 = time.process_time()
         epoch, i = divmod(key, len(self.dataset))
         with torch.random.fork_rng(devices=[]):  # leave the caller's generator as it was
-            torch.manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)  # a tuple of ints hashes the same every run
-            return self.dataset[i]
+            # a tuple of ints hashes the same every run; the CPU generator only (torch.manual_seed also seeds, lazily, CUDA's)
+            torch.default_generator.manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)
+            sample, target = self.dataset[i]
+        crops, params = sample if isinstance(sample, tuple) else (sample, {})
+        return crops, params, target, time.process_time() - t0
+
+
+class CollateCrops:
+    """Batches of SeededCrops items, made in the worker. With `augment` (a CPU-only run, where the training
+    device is the CPU) the batched photometric half runs here too, beside the training process, not in it."""
+
+    def __init__(self, augment=None):
+        self.augment = augment
+
+    def __call__(self, items):
+        crops, params, targets, cpu = torch.utils.data.default_collate(items)  # crops: V tensors (B, 3, h, w)
+        batched, t0 = 0.0, time.process_time()
+        if params and self.augment is not None:
+            crops, params = self.augment(crops, params), {}
+            batched = time.process_time() - t0
+        return crops, params, targets, (float(cpu.sum()), batched)  # CPU seconds: per image, batched
+
+
+class DeviceBatches:
+    """The training loader as the loop sees it: (crops, targets) with the crops finished and on `device`;
+    uint8 crops still carrying their photometric draws are augmented there, batched. Counts the images of
+    the batches it handed out and the CPU seconds the workers spent on them: per image (decode, crops, and
+    the whole recipe in reference mode) and batched (the photometric half, when it runs in the workers)."""
+
+    def __init__(self, loader, device, augment):
+        self.loader, self.sampler, self.device, self.augment = loader, loader.sampler, device, augment
+        self.images, self.cpu_seconds, self.cpu_seconds_batched = 0, 0.0, 0.0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for crops, params, targets, cpu in self.loader:
+            self.images += len(targets)
+            self.cpu_seconds += cpu[0]
+            self.cpu_seconds_batched += cpu[1]
+            crops = [c.to(self.device, non_blocking=True) for c in crops]
+            yield (self.augment(crops, params) if params else crops), targets
 
 
 # Ctrl-C reaches every process of the terminal, and SIGTERM / SIGUSR1 every process of the group (SLURM's scancel,
@@ -282,14 +332,72 @@ def ignore_stop_signals(_):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, pin_memory=False):
-    """Shuffled full batches of multi-crop samples, seeded per (seed, epoch, image); set_epoch and
-    skip go through `loader.sampler`."""
+def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, device=torch.device("cpu"),
+                    augment=None):
+    """Shuffled full batches of multi-crop samples, seeded per (seed, epoch, image), finished on `device`;
+    set_epoch and skip go through `loader.sampler`. augment: the batched photometric half for samples of
+    the split recipe; it runs in the workers when the device is the CPU, on the device otherwise."""
     sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return torch.utils.data.DataLoader(
+    on_cpu = device.type == "cpu"
+    loader = torch.utils.data.DataLoader(
         SeededCrops(dataset, seed), sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-        pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers else None, worker_init_fn=ignore_stop_signals)
+        collate_fn=CollateCrops(augment if on_cpu else None), pin_memory=device.type == "cuda", drop_last=True,
+        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
+        worker_init_fn=ignore_stop_signals)
+    return DeviceBatches(loader, device, augment)
+
+
+# ---------------------------------------------------------------------------- folders of JPEGs, built offline
+def _sample_photographs():
+    """Colour photographs that ship inside installed packages (no download): scikit-image's data
+    module, scikit-learn's sample images and matplotlib's sample data. One class per photograph."""
+    import matplotlib
+    import skimage
+    import sklearn
+    skimage_dir = Path(skimage.__file__).parent / "data"
+    sklearn_dir = Path(sklearn.__file__).parent / "datasets" / "images"
+    mpl_dir = Path(matplotlib.get_data_path()) / "sample_data"
+    return {"astronaut": skimage_dir / "astronaut.png", "cat": skimage_dir / "chelsea.png",
+            "coffee": skimage_dir / "coffee.png", "motorcycle": skimage_dir / "motorcycle_left.png",
+            "rocket": skimage_dir / "rocket.jpg", "galaxies": skimage_dir / "hubble_deep_field.jpg",
+            "retina": skimage_dir / "retina.jpg", "flower": sklearn_dir / "flower.jpg",
+            "temple": sklearn_dir / "china.jpg", "portrait": mpl_dir / "grace_hopper.jpg"}
+
+
+def make_jpegs(out_dir, per_class={"train": 30, "val": 10}, size=(500, 375), quality=90, seed=0):
+    """An ImageNet-like ImageFolder, OUT/{train,val}/<photograph>/NNN.jpg: 400 JPEGs of 500 x 375
+    (a quarter of them 375 x 500, portrait) at quality 90, each a random crop (25-100 % of the area,
+    the output's aspect ratio), possibly mirrored, of one of ten photographs. ImageNet's typical file
+    size and compression, so decoding and cropping cost what they cost there; the same bytes on every
+    run (given the same Pillow). Few classes of one photograph each: for timing the input pipeline,
+    not for judging features."""
+    rng = np.random.RandomState(seed)
+    out_dir = Path(out_dir)
+    for name, path in _sample_photographs().items():
+        photo = Image.open(path).convert("RGB")
+        W, H = photo.size
+        for split, n in per_class.items():
+            (out_dir / split / name).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                w, h = size if rng.rand() >= 0.25 else size[::-1]
+                area = rng.uniform(0.25, 1.0) * W * H
+                cw = min(W, round(math.sqrt(area * w / h)))  # a crop of the output's aspect ratio
+                ch = min(H, round(cw * h / w))
+                cw = min(cw, round(ch * w / h))
+                x0, y0 = rng.randint(0, W - cw + 1), rng.randint(0, H - ch + 1)
+                img = photo.resize((w, h), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+                if rng.rand() < 0.5:
+                    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                img.save(out_dir / split / name / f"{k:03d}.jpg", quality=quality)
+    return out_dir
+
+
+MAKERS = {
+    "digits": make_digits,
+    "photos": lambda out: _write_crops(_photos(), out, 400, (0.15, 0.45), "jpg"),  # 4,400 colour crops
+    "surfaces": lambda out: _write_crops(_gray_surfaces(), out, 400, (0.1, 0.3), "png"),  # 2,800 gray crops
+    "jpegs": make_jpegs,  # 400 ImageNet-size JPEGs, for timing the input pipeline
+}
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ class Run:
     compiled: bool  # student and teacher went through torch.compile
     rank: int  # this process, of `world`
     world: int
-    loader: torch.utils.data.DataLoader  # batches of crops [g1, g2, l1..lN]; its sampler resumes mid-epoch
+    loader: data.DeviceBatches  # batches of finished crops [g1, g2, l1..lN] on the device; its sampler resumes
     niter: int  # iterations per epoch
     workers: int  # data-loading processes
     out: Path  # --output_dir
@@ -176,7 +176,6 @@ def train_one_epoch(dino, run, epoch, start_step, stop):
         it = epoch * niter + i
         # stochastic depth draws seeded by the iteration: a resumed run makes the same ones
         torch.manual_seed(hash((args.seed, run.rank, it)) % 2 ** 62)
-        crops = [c.to(device, non_blocking=True) for c in crops]
         loss, diagnostics = train_step(dino, crops, it, epoch)
         # remember the first non-finite step without a host sync; it is checked at each log point
         first_bad = torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=it))
@@ -333,10 +332,17 @@ def setup(args):
     out = Path(args.output_dir)
     benchmarking = args.benchmark or args.benchmark_data
 
-    # data: one sample = the list of 2 + N crops of one image
-    transform = multicrop.DataAugmentationDINO(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
-                                               args.local_crops_number, args.global_size, args.local_size)
-    dataset = data.build_dataset(args.data_path, "pretrain", transform)
+    # data: one sample = the 2 + N crops of one image. By default the recipe is split: decode, crops and flips
+    # per image in the workers (uint8), the colour operations batched where the model runs (in the workers on
+    # a CPU-only run); --reference_mode runs the whole recipe per image in PIL, as the official code.
+    crop_args = (tuple(args.global_crops_scale), tuple(args.local_crops_scale), args.local_crops_number,
+                 args.global_size, args.local_size)
+    if args.reference_mode:
+        transform, augment, loader = multicrop.DataAugmentationDINO(*crop_args), None, None
+    else:
+        transform = multicrop.DataAugmentationDINOSplit(*crop_args)
+        augment, loader = transform.photometric, data.path_if_jpeg
+    dataset = data.build_dataset(args.data_path, "pretrain", transform, loader=loader)
     total_batch = args.batch_size_per_gpu * world
     if len(dataset) < total_batch:
         raise UsageError(f"the dataset has {len(dataset)} images, fewer than one batch of {total_batch} "
@@ -344,7 +350,7 @@ def setup(args):
     workers = min(args.num_workers, os.cpu_count() or 1)
     if device.type == "cpu":  # the augmentation workers need cores too
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers)))
-    loader = data.training_loader(dataset, args.batch_size_per_gpu, workers, args.seed, rank, world, pin_memory=cuda)
+    loader = data.training_loader(dataset, args.batch_size_per_gpu, workers, args.seed, rank, world, device, augment)
     niter = fit_to_budget(args, len(loader))
     if args.eval_every and not data.has_val(args.data_path):
         print(f"note: {args.data_path} has no val/ folder, so there is no k-NN evaluation during training",
@@ -495,7 +501,7 @@ def get_args_parser():
                    help="time N training steps with the real data loader and exit")
     g.add_argument("--reference_mode", action="store_true",
                    help="the official recipe for comparison: fp16 + GradScaler, eager, explicit attention, "
-                        "convolutional patch embedding")
+                        "convolutional patch embedding, the whole multi-crop per image in PIL")
     return p
 
 

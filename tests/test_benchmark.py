@@ -3,12 +3,14 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import ROOT, load
 
-benchmark, train = load("benchmark"), load("train")
+benchmark, train, data = load("benchmark"), load("train"), load("data")
 vits, heads = load("02_vit"), load("03_head")
 
 LINE = re.compile(r"benchmark: ([\d.]+) img/s, ([\d.]+) ms/step, peak memory (\d+) MiB, ([\d.e+-]+) TFLOP/s model FLOPs")
@@ -32,6 +34,49 @@ def test_benchmark_prints_a_plausible_line():
     assert 0 < tflops and abs(tflops - expected) <= 0.006 * expected  # printed with 3 significant digits
     assert 100 < mem < 24 * 1024
     assert "MFU" not in last  # no known peak on a CPU
+    share = re.search(r"photometric augmentation \(batched, on cpu\): ([\d.]+) ms/step, ([\d.]+)% of the step", r.stdout)
+    assert share and abs(float(share[2]) - 100 * float(share[1]) / ms) < 0.2, r.stdout
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """The ImageNet-like JPEG folder, built by the command line the README gives."""
+    out = tmp_path_factory.mktemp("photos")
+    r = subprocess.run([sys.executable, "data.py", "--make", "jpegs", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_photos_folder_is_imagenet_like_and_deterministic(photos, tmp_path):
+    files = sorted(photos.rglob("*.jpg"))
+    assert len(files) == 400 and {p.parent.parent.name for p in files} == {"train", "val"}
+    assert len({p.parent.name for p in files}) == 10
+    sizes = {Image.open(p).size for p in files}
+    assert sizes == {(500, 375), (375, 500)}
+    assert "jpegs" in data.MAKERS
+    data.MAKERS["jpegs"](tmp_path)  # the same bytes again
+    assert all((tmp_path / p.relative_to(photos)).read_bytes() == p.read_bytes() for p in files[::37])
+
+
+PIPELINE = re.compile(r"input pipeline: ([\d.]+) ms of CPU per image, (\d+) img/s per worker core")
+
+
+@pytest.mark.parametrize("mode", [[], ["--reference_mode"]])  # split recipe (default), and all of it in PIL
+def test_benchmark_data_measures_the_workers_cpu_per_image(photos, mode):
+    argv = ["--arch", "vit_nano", "--patch_size", "8", "--global_size", "32", "--local_size", "16",
+            "--local_crops_number", "2", "--out_dim", "64", "--batch_size_per_gpu", "8", "--num_workers", "1",
+            "--data_path", str(photos)]
+    r = subprocess.run([sys.executable, "train.py"] + argv + mode + ["--benchmark_data", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = PIPELINE.search(r.stdout)
+    assert m, r.stdout
+    ms, img_s = float(m[1]), int(m[2])
+    assert 0.1 < ms < 1000 and abs(img_s - 1000 / ms) <= 1
+    if not mode:  # on a CPU-only run the workers also did the colour half: both parts are shown
+        per_image, batched = map(float, re.search(r"flips ([\d.]+) ms; .*: ([\d.]+) ms\)", r.stdout).groups())
+        assert per_image > 0 and batched > 0 and abs(per_image + batched - ms) < 0.02
 
 
 def test_analytic_flops_match_torch_flop_counter():

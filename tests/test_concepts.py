@@ -1,4 +1,5 @@
 """The paper's claims about each concept, stated as tests."""
+import itertools
 import math
 import random
 
@@ -6,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
+from torch.utils.data import default_collate
+from torchvision import transforms
 
 from conftest import load
 
@@ -57,6 +61,179 @@ def test_solarization_inverts_above_128():
     torch.manual_seed(0)
     out = np.array(multicrop.Solarization(p=1.0)(img))
     assert out.tolist() == [[[10, 55, 127]]]
+
+
+
+# ---------------------------------------------------------------- 01 multi-crop, split: uint8 crops + batched colours
+def photo(w=48, h=40):
+    return multicrop.sample_image().convert("RGB").resize((w, h))
+
+
+def test_batched_colour_ops_match_torchvision_per_sample():
+    x = torch.cat([TF.to_tensor(photo())[None], torch.rand(3, 3, 40, 48), torch.full((1, 3, 40, 48), 0.5)])
+    ops = [(multicrop.adjust_brightness, TF.adjust_brightness, (0.6, 1.0, 1.4)),
+           (multicrop.adjust_contrast, TF.adjust_contrast, (0.6, 1.0, 1.4)),
+           (multicrop.adjust_saturation, TF.adjust_saturation, (0.8, 1.0, 1.2)),
+           (multicrop.adjust_hue, TF.adjust_hue, (-0.1, 0.0, 0.1, -0.5, 0.5))]
+    for ours, theirs, values in ops:
+        f = torch.tensor(values)[torch.arange(len(x)) % len(values)]  # a different factor per sample
+        ref = torch.stack([theirs(xi, fi.item()) for xi, fi in zip(x, f)])
+        assert (ours(x, f) - ref).abs().max() < 1e-5, ours.__name__
+    assert torch.equal(multicrop.grayscale(x), TF.rgb_to_grayscale(x, num_output_channels=3))
+    sigma = torch.tensor([0.1, 0.7, 1.3, 2.0, 0.4])
+    ref = torch.stack([TF.gaussian_blur(xi, [13, 13], [s.item()] * 2) for xi, s in zip(x, sigma)])
+    assert (multicrop.gaussian_blur(x, sigma, 13) - ref).abs().max() < 1e-5
+    assert torch.equal(multicrop.solarize(x), TF.solarize(x, 128 / 255))
+    levels = torch.arange(256, dtype=torch.uint8)  # on 8-bit values exactly PIL's solarize, as in DataAugmentationDINO
+    pil = np.array(ImageOps.solarize(Image.fromarray(levels.numpy()[None].repeat(3, 0)), 128))[0]
+    assert torch.equal((multicrop.solarize(levels / 255) * 255).round().byte(), torch.from_numpy(pil))
+
+
+def fixed_draws():
+    """Three crops: jitter in two different orders, jitter off; grayscale, blur and solarize on some."""
+    return {"jitter": torch.tensor([True, True, False]),
+            "order": torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 3, 2]]),
+            "factors": torch.tensor([[1.3, 0.7, 1.2, 0.08], [0.65, 1.35, 0.85, -0.1], [1.4, 1.4, 1.2, 0.1]]),
+            "grayscale": torch.tensor([False, True, False]), "blur": torch.tensor([True, False, True]),
+            "sigma": torch.tensor([1.5, 1.0, 0.3]), "solarize": torch.tensor([False, True, True])}
+
+
+def test_fixed_draws_give_torchvisions_composition_and_pils_within_rounding():
+    img = photo()
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].repeat(3, 1, 1, 1)  # (3, 3, 40, 48) uint8
+    p = fixed_draws()
+    out = multicrop.apply_photometric(x, p, kernel_size=13)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    std = torch.tensor(multicrop.IMAGENET_STD).view(3, 1, 1)
+    for s in range(3):
+        for pil in (False, True):  # torchvision's tensor ops (exact), and the PIL chain DataAugmentationDINO runs
+            y = img if pil else TF.to_tensor(img)
+            for j in p["order"][s] if p["jitter"][s] else []:
+                y = ops[j](y, p["factors"][s, j].item())
+            y = TF.rgb_to_grayscale(y, 3) if p["grayscale"][s] else y
+            if p["blur"][s] and not pil:  # PIL's blur is a different approximation of the Gaussian (see docstring)
+                y = TF.gaussian_blur(y, [13, 13], [p["sigma"][s].item()] * 2)
+            if p["solarize"][s]:
+                y = ImageOps.solarize(y, 128) if pil else TF.solarize(y, 128 / 255)
+            ref = TF.normalize(TF.to_tensor(y) if pil else y, multicrop.IMAGENET_MEAN, multicrop.IMAGENET_STD)
+            diff = (out[s] - ref).abs() * std * 255  # in 8-bit levels
+            if not pil:
+                assert diff.max() < 1e-3, s
+            elif not p["blur"][s]:  # PIL rounds to 8 bits after every op, and its hue works in 8-bit HSV
+                assert diff.mean() < 2.5, (s, diff.mean())
+
+
+def test_photometric_draws_have_the_papers_probabilities_and_ranges():
+    aug = multicrop.PhotometricAugmentation(local_crops_number=2, global_size=32, local_size=16)
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    p = default_collate([aug.sample(g) for _ in range(n)])  # (n, 4 views: g1, g2, l1, l2)
+
+    def close(freq, prob):  # within 5 binomial standard deviations
+        return abs(freq - prob) <= 5 * math.sqrt(prob * (1 - prob) / n) + 1e-9
+
+    for view, (blur, solarize) in enumerate([(1.0, 0.0), (0.1, 0.2), (0.5, 0.0), (0.5, 0.0)]):
+        assert close(p["jitter"][:, view].float().mean().item(), 0.8)
+        assert close(p["grayscale"][:, view].float().mean().item(), 0.2)
+        assert close(p["blur"][:, view].float().mean().item(), blur), view
+        assert close(p["solarize"][:, view].float().mean().item(), solarize), view  # second global view only
+    f = p["factors"]
+    for j, (lo, hi) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):  # ColorJitter(0.4, 0.4, 0.2, 0.1)
+        assert lo <= f[..., j].min() and f[..., j].max() <= hi and abs(f[..., j].mean() - (lo + hi) / 2) < 0.01 * (hi - lo)
+    for view, size in enumerate([32, 32, 16, 16]):  # sigma ~ U[0.1, 2] px at 224 / 96 px, in proportion here
+        official = 224 if view < 2 else 96
+        s = p["sigma"][:, view] * official / size
+        assert 0.1 <= s.min() < 0.15 and 1.95 < s.max() <= 2.0
+    orders = [tuple(o) for o in p["order"].reshape(-1, 4).tolist()]
+    counts = [orders.count(perm) for perm in itertools.permutations(range(4))]
+    assert all(abs(c / len(orders) - 1 / 24) < 0.01 for c in counts)  # each of the 24 orders equally likely
+    assert multicrop.PhotometricAugmentation().kernel_size == [13, 13]  # +-3 sigma_max at the official sizes
+
+
+def test_split_recipe_crops_order_dtype_and_normalised_range():
+    aug = multicrop.DataAugmentationDINOSplit((0.4, 1.0), (0.05, 0.4), 6, global_size=32, local_size=16)
+    samples = [aug(Image.new("RGB", (50, 40), (120, 30, 200))) for _ in range(3)]
+    assert [(tuple(c.shape), c.dtype) for c in samples[0][0]] == \
+        [((3, 32, 32), torch.uint8)] * 2 + [((3, 16, 16), torch.uint8)] * 6
+    crops, params = default_collate(samples)
+    out = aug.photometric(crops, params)
+    assert [tuple(c.shape) for c in out] == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 6  # [g1, g2, l1..l6]
+    mean, std = torch.tensor(multicrop.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(multicrop.IMAGENET_STD).view(3, 1, 1)
+    for c in out:  # pixels in [0, 1], normalised with ImageNet's mean and std
+        assert ((c * std + mean).amin() >= -1e-6) and ((c * std + mean).amax() <= 1 + 1e-6)
+    official = multicrop.DataAugmentationDINOSplit()(photo(500, 375))[0]
+    assert [tuple(c.shape) for c in official] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 8
+
+
+def test_split_recipe_is_seeded_and_a_crop_does_not_depend_on_its_batch():
+    aug = multicrop.DataAugmentationDINOSplit(local_crops_number=2, global_size=48, local_size=24)
+    img = multicrop.sample_image()
+    torch.manual_seed(3); random.seed(1)
+    a = aug(img)
+    torch.manual_seed(3); random.seed(2)
+    b = aug(img)
+    torch.manual_seed(4)
+    c = aug(img)
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+    assert not torch.equal(a[0][0], c[0][0])
+    batch = aug.photometric(*default_collate([a, c, b]))
+    alone = aug.photometric(*default_collate([c]))
+    assert all(torch.allclose(x[1], y[0], atol=1e-6) for x, y in zip(batch, alone))
+    assert all(torch.equal(x[0], x[2]) for x in batch)
+
+
+def test_geometry_resamples_like_pil_bicubic_and_flips_half_the_time():
+    img = photo(60, 30)  # aspect 2 at scale (1, 1): no box fits, so every crop is torchvision's central fallback
+    box = multicrop.random_resized_crop_box(60, 30, (1.0, 1.0), random.Random(0))
+    i, j, h, w = transforms.RandomResizedCrop.get_params(img, (1.0, 1.0), (3 / 4, 4 / 3))
+    assert box == (j, i, w, h) == (10, 0, 40, 30)
+    geometry = multicrop.MultiCropGeometry((1.0, 1.0), (1.0, 1.0), 0, global_size=32)
+    pil = img.crop((10, 0, 50, 30)).resize((32, 32), Image.BICUBIC)
+    pil = torch.from_numpy(np.array(pil)).permute(2, 0, 1).int()
+    torch.manual_seed(0)
+    flipped = []
+    for _ in range(100):
+        for crop in geometry(img):
+            d, d_flip = (crop.int() - pil).abs().max(), (crop.flip(-1).int() - pil).abs().max()
+            assert min(d, d_flip) <= 2  # PIL's bicubic filter, up to rounding
+            flipped.append(bool(d_flip < d))
+    assert abs(np.mean(flipped) - 0.5) < 0.1
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    rng, n = random.Random(0), 4000
+    ours = [multicrop.random_resized_crop_box(500, 375, (0.05, 0.4), rng) for _ in range(n)]
+    area = np.array([w * h for _, _, w, h in ours]) / (500 * 375)
+    aspect = np.array([w / h for _, _, w, h in ours])
+    assert area.min() > 0.045 and area.max() < 0.41 and aspect.min() > 0.74 and aspect.max() < 1.35
+    assert all(0 <= x and x + w <= 500 and 0 <= y and y + h <= 375 for x, y, w, h in ours)
+    torch.manual_seed(0)
+    theirs = [transforms.RandomResizedCrop.get_params(torch.empty(3, 375, 500), (0.05, 0.4), (3 / 4, 4 / 3))
+              for _ in range(n)]
+    their_area = np.array([w * h for _, _, h, w in theirs]) / (500 * 375)
+    assert abs(area.mean() - their_area.mean()) < 0.006 and abs(np.log(aspect).mean()) < 0.01
+
+
+def test_reduced_size_decoding_only_when_every_crop_keeps_its_pixels(tmp_path, monkeypatch):
+    photo(1600, 1200).save(tmp_path / "big.jpg", quality=90)
+    photo(500, 375).save(tmp_path / "imagenet_size.jpg", quality=90)
+    assert tuple(multicrop.load_pixels(tmp_path / "big.jpg", 2.5).shape) == (3, 600, 800)  # DCT scaling by 2
+    assert tuple(multicrop.load_pixels(tmp_path / "big.jpg", 1.9).shape) == (3, 1200, 1600)
+    geometry = multicrop.MultiCropGeometry((0.4, 1.0), (0.3, 0.4), 2, 224, 96)
+    torch.manual_seed(0)
+    crops = geometry(tmp_path / "big.jpg")
+    torch.manual_seed(0)  # the same boxes on the fully decoded image: crops differ only by the decoder's scaling
+    full = geometry(Image.open(tmp_path / "big.jpg").convert("RGB"))
+    assert all((a.float() - b.float()).abs().mean() < 3 for a, b in zip(crops, full))
+    reductions = []
+    monkeypatch.setattr(multicrop, "load_pixels", lambda img, r: reductions.append(r) or torch.zeros(3, 375, 500,
+                                                                                                      dtype=torch.uint8))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        geometry(tmp_path / "big.jpg")
+        geometry(tmp_path / "imagenet_size.jpg")
+    assert min(reductions[0::2]) >= 2  # 1600 x 1200: every crop here could be cut from a half-size decode
+    assert max(reductions[1::2]) < 2  # the global crops need every pixel of an ImageNet-size image
 
 
 # ---------------------------------------------------------------- 02 ViT
