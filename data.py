@@ -275,7 +275,8 @@ class SeededCrops(torch.utils.data.Dataset):
         t0 = time.process_time()
         epoch, i = divmod(key, len(self.dataset))
         with torch.random.fork_rng(devices=[]):  # leave the caller's generator as it was
-            # a tuple of ints hashes the same every run; the CPU generator only (torch.manual_seed also seeds, lazily, CUDA's)
+            # a tuple of ints hashes the same every run; the CPU generator only (torch.manual_seed would also
+            # seed CUDA's, lazily)
             torch.default_generator.manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)
             sample, target = self.dataset[i]
         crops, params = sample if isinstance(sample, tuple) else (sample, {})
