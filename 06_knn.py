@@ -18,6 +18,7 @@ Usage:
     python 06_knn.py --random_init --arch vit_nano --patch_size 8 --image_size 32 --data_path textures
     python 06_knn.py --raw_pixels --image_size 32 --data_path textures
     python 06_knn.py --pretrained dino_deitsmall16_pretrain.pth --arch vit_small --data_path DIR
+    python 06_knn.py --pretrained dino_vits16 --data_path DIR     # the released weights, by name
 """
 import argparse
 import importlib
@@ -35,6 +36,9 @@ import data
 
 vits = importlib.import_module("02_vit")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PRETRAINED_HELP = (f"an official backbone file or full official checkpoint, or a released name "
+                   f"({', '.join(ckpt.RELEASED)}: downloaded once into torch.hub's cache; --arch and --patch_size "
+                   f"follow from the name)")
 
 
 def eval_transform(image_size):
@@ -129,7 +133,7 @@ def get_args_parser():
     p = cli.Parser("Weighted k-NN evaluation of DINO features")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
-    src.add_argument("--pretrained", help="an official released backbone or full official checkpoint")
+    src.add_argument("--pretrained", help=PRETRAINED_HELP)
     src.add_argument("--random_init", action="store_true", help="an untrained network: the baseline to read against")
     src.add_argument("--raw_pixels", action="store_true", help="the normalised pixels themselves: the other baseline")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
@@ -167,6 +171,9 @@ def build_backbone(args):
                                            f"{args.patch_size!r}, global_size {args.image_size!r}); pass a "
                                            f"checkpoint written by train.py")
         source, out_dir = obj, Path(args.checkpoint).parent
+    elif args.pretrained in ckpt.RELEASED:  # a released name: the architecture follows from it
+        args.arch, args.patch_size, _ = ckpt.RELEASED[args.pretrained]
+        source, out_dir = ckpt.load_released(args.pretrained), Path(".")
     elif args.pretrained:
         source, out_dir = ckpt.load_file(args.pretrained), Path(".")
     elif getattr(args, "raw_pixels", False):  # 07_attention.py has no pixel baseline

@@ -12,7 +12,8 @@ whose sum is 1 minus the CLS's attention to itself); the same smallest-set thres
 
 Usage:
     python 07_attention.py --checkpoint OUT/checkpoint.pth --image IMG --output_dir DIR [--threshold 0.6]
-    python 07_attention.py --pretrained dino_deitsmall8_pretrain.pth --arch vit_small --patch_size 8
+    python 07_attention.py --pretrained dino_vits8       # Fig. 1: the released ViT-S/8 on the bundled photograph
+    python 07_attention.py --pretrained dino_deitsmall8_pretrain.pth --arch vit_small --patch_size 8 --image IMG
 """
 import importlib
 import sys
@@ -102,7 +103,7 @@ def get_args_parser():
     p = cli.Parser("DINO self-attention maps")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
-    src.add_argument("--pretrained", help="an official released backbone or full official checkpoint")
+    src.add_argument("--pretrained", help=knn.PRETRAINED_HELP)
     src.add_argument("--random_init", action="store_true", help="an untrained network, for comparison")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
     p.add_argument("--arch", default="vit_small", choices=sorted(knn.vits.ARCHS),

@@ -5,6 +5,8 @@ Also reads the official files: a released backbone (`dino_deitsmall16_pretrain.p
 state dict) or a full official checkpoint ("teacher"/"student" entries whose keys carry
 `module.` and `backbone.` prefixes, and `args`, an argparse.Namespace: the one class besides the
 plain types that load_file lets weights_only rebuild, since it only holds attributes).
+The released backbones can also be named (`dino_vits16`, ...): `load_released` fetches them from
+the official URLs into torch.hub's cache, once.
 """
 import argparse
 import os
@@ -58,6 +60,30 @@ def load_file(path):
         reason = (str(e).splitlines() or ["no message"])[0][:200]
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {reason}); "
                               f"pass a .pth file written by torch.save") from None
+
+
+# The official released backbones (teacher backbone state dicts): name -> (arch, patch size, URL)
+URL = "https://dl.fbaipublicfiles.com/dino/"
+RELEASED = {
+    "dino_vits16": ("vit_small", 16, URL + "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"),
+    "dino_vits8": ("vit_small", 8, URL + "dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth"),
+    "dino_vitb16": ("vit_base", 16, URL + "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"),
+    "dino_vitb8": ("vit_base", 8, URL + "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"),
+}
+
+
+def load_released(name):
+    """The released backbone `name`, downloaded on first use into torch.hub's cache (with its progress bar)."""
+    url = RELEASED[name][2]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+    except OSError as e:  # URLError (offline) is an OSError
+        raise CheckpointError(f"cannot download {url} ({getattr(e, 'reason', e)}); offline, fetch that file elsewhere "
+                              f"and put it at {cached}, or pass its path as --pretrained") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{cached} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]}); "
+                              f"delete it to download it again") from None
 
 
 def strip_prefixes(state_dict, prefixes=("module.", "_orig_mod.")):
@@ -114,6 +140,16 @@ def load_strict(module, state_dict, what):
         raise CheckpointError(f"{what} does not match the model ({'; '.join(problems)}); "
                               f"check --arch, --patch_size and --out_dim")
     module.load_state_dict(state_dict, strict=True)
+
+
+def check_writable(directory):
+    """Create `directory` and write a probe file in it: an unwritable output fails before the work, not after."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_bytes(b"0"), probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {directory} ({e.strerror or e}); pass a writable --output_dir") from None
 
 
 def save_json(obj, path):

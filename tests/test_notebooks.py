@@ -3,14 +3,14 @@ import json
 
 import nbformat
 import pytest
+import torch
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import ROOT, load
 
 SHORT = {  # parameter-cell overrides that keep each notebook to well under a minute
     "tour.ipynb": "STEPS = 5",
-    "attention_maps.ipynb": 'CHECKPOINT = "none"\nSTEPS = 5\nOFFICIAL = "none"\nTHRESHOLD = 0.6',
-}
+}  # attention_maps.ipynb: in its own test below
 
 
 def execute(name, overrides, extra_cells=()):
@@ -39,3 +39,14 @@ def test_collapse_ablations_show_the_papers_finding():
     assert abs(r["centering only"]["entropy"] - log_k) <= 0.1 * log_k  # uniform collapse
     assert r["sharpening only"]["entropy"] < 0.1 * log_k  # one dimension dominates
     assert r["full DINO"]["kl"] > r["centering only"]["kl"] and r["full DINO"]["kl"] > r["sharpening only"]["kl"]
+
+
+def test_attention_notebook_draws_fig1_from_the_hub_cache(tmp_path, monkeypatch):
+    """The released ViT-S/8 found in torch.hub's cache (random weights in its format here) is drawn, unasked."""
+    torch.manual_seed(0)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(load("02_vit").vit_small(patch_size=8).state_dict(),
+               tmp_path / "hub" / "checkpoints" / "dino_deitsmall8_pretrain.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # the kernel inherits it
+    nb = execute("attention_maps.ipynb", 'CHECKPOINT = "none"\nSTEPS = 5\nOFFICIAL = "dino_vits8"\nOFFICIAL_SIZE = 64')
+    assert sum("image/png" in o.get("data", {}) for o in nb.cells[-1].outputs) == 2  # one figure per photograph
