@@ -21,8 +21,10 @@ def collapse_message(entropy, kl, K):
 
 
 def drift_message(log_rows, K, window=3):
-    """An early warning, while there is still time to stop and change a flag: the teacher's entropy is near
-    one of the collapse ends and not coming back, while KL has shrunk epoch after epoch for `window` epochs."""
+    """An early warning, while there is still time to stop and change a flag: KL has shrunk epoch after epoch for
+    `window` epochs while the teacher's entropy is near one of the collapse ends and not coming back (above 80 %
+    of log K; or below 10 % of log K with KL there too, since a sharp teacher that the student still learns
+    from is what DINO wants)."""
     if len(log_rows) < window:
         return None
     h = [r["entropy"] for r in log_rows[-window:]]
@@ -34,7 +36,7 @@ def drift_message(log_rows, K, window=3):
         return (f"warning: drifting towards the uniform collapse: h(P_t) = {h[-1]:.2f} is {h[-1] / log_k:.0%} of "
                 f"log K and KL fell from {kl[0]:.2f} to {kl[-1]:.2f} over {window} epochs. Centering is winning: "
                 f"stop and lower --teacher_temp, or use a smaller --out_dim (about one prototype per 20 images).")
-    if h[-1] < 0.1 * log_k and h[-1] <= h[0]:
+    if h[-1] < 0.1 * log_k and kl[-1] < 0.1 * log_k and h[-1] <= h[0]:  # a sharp teacher alone is healthy
         return (f"warning: drifting towards one dimension: h(P_t) = {h[-1]:.2f} is {h[-1] / log_k:.0%} of log K and "
                 f"KL fell from {kl[0]:.2f} to {kl[-1]:.2f} over {window} epochs. Sharpening is winning: stop and "
                 f"raise --teacher_temp slightly or lower --lr.")

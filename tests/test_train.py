@@ -167,6 +167,8 @@ def test_drift_towards_a_collapse_is_named_before_it_happens():
     assert "uniform collapse" in monitor.drift_message(uniform, K)
     assert "--teacher_temp" in monitor.drift_message(uniform, K)
     assert "one dimension" in monitor.drift_message(one_dim, K)
+    sharp = rows([(1.76, 2.05), (0.42, 1.47), (0.28, 1.22), (0.28, 1.15)])  # real photographs: sharp, still learning
+    assert monitor.drift_message(sharp, K) is None
     recovering = uniform + rows([(4.6, 0.7)])  # KL grows again: the student is learning, no warning
     assert monitor.drift_message(recovering, K) is None
     settled = rows([(4.9, 0.50), (4.9, 0.46), (4.9, 0.43)])  # flat at 88 % of log K while KL keeps shrinking
