@@ -23,9 +23,10 @@ The same recipe, split where each half is cheapest (what train.py runs; DataAugm
 the readable reference and what `--reference_mode` uses):
     MultiCropGeometry, per image on the CPU (data-loading workers): decode, random resized crops, flips
         -> 2 + N uint8 crops (3, size, size); no colour operation, nothing in float.
-    PhotometricAugmentation, per batch on the training device: colour jitter (per-sample factors and
-        per-sample random order of brightness, contrast, saturation, hue), grayscale, Gaussian blur
-        (per-sample sigma), solarization, normalisation, with the probabilities and ranges above.
+    PhotometricAugmentation, per batch on the training device (in the workers on a CPU-only run): colour
+        jitter (per-sample factors and per-sample random order of brightness, contrast, saturation, hue),
+        grayscale, Gaussian blur (per-sample sigma), solarization, normalisation, with the probabilities
+        and ranges above; its draws are made per image in the workers, with the image's seed.
 Departures of the split version from the PIL one (same distribution, different arithmetic):
     - colours are computed in float with no rounding to 8 bits between operations, with torchvision's
       tensor formulas (PIL's hue works on 8-bit HSV, so its hue steps are 1/256 of a turn);
@@ -123,12 +124,10 @@ def random_resized_crop_box(W, H, scale, rng, ratio=(3 / 4, 4 / 3)):
 
 
 def load_pixels(image, reduction=1.0):
-    """An image file (a path) or a PIL image as RGB uint8 (3, H, W). A JPEG file is decoded at 1/2, 1/4 or
-    1/8 of its size (DCT scaling, PIL's draft) when `reduction` allows: a cheaper decode of large files."""
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)  # reads the header only
-        if reduction >= 2:
-            image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
+    """A PIL image as RGB uint8 (3, H, W). If it is a JPEG not decoded yet (just opened), it is decoded at
+    1/2, 1/4 or 1/8 of its size (DCT scaling, PIL's draft) when `reduction` allows: a cheaper decode."""
+    if reduction >= 2:  # a no-op for other formats and for decoded images
+        image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
     if image.mode != "RGB":  # grayscale, CMYK, palette
         image = image.convert("RGB")
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W): decoded here
@@ -146,10 +145,14 @@ class MultiCropGeometry:
 
     def __call__(self, image):
         rng = random.Random(int(torch.randint(2 ** 62, ())))  # torch's generator seeds it: manual_seed fixes all
-        W, H = (image if isinstance(image, Image.Image) else Image.open(image)).size  # a file: its header only
+        opened = not isinstance(image, Image.Image)
+        image = Image.open(image) if opened else image  # a file: only its header is read here
+        W, H = image.size
         boxes = [random_resized_crop_box(W, H, scale, rng) for _, scale in self.views]
-        # how much smaller the image can be decoded with every crop still keeping >= its output's pixels
-        pixels = load_pixels(image, min(min(w, h) / size for (_, _, w, h), (size, _) in zip(boxes, self.views)))
+        # how much smaller the file can be decoded with every crop still keeping >= its output's pixels (an image
+        # passed in is left as it is: a draft would change the caller's object)
+        reduction = min(min(w, h) / size for (_, _, w, h), (size, _) in zip(boxes, self.views)) if opened else 1
+        pixels = load_pixels(image, reduction)
         sx, sy = pixels.shape[2] / W, pixels.shape[1] / H  # 1, or the decoder's reduction
         crops = []
         for (left, top, w, h), (size, _) in zip(boxes, self.views):

@@ -8,6 +8,10 @@ teach a network to ignore: scale and position (resized crops), brightness and co
 jitter). Its limits: raw pixels classify it well (a k-NN on them reaches 81 %), and a ViT needs
 colour variation within that of colour jitter: with fully random colours, the short runs of the
 course learned colour instead of pattern.
+
+Also here: the training loader (items seeded per (seed, epoch, image), batches finished on the training
+device) and MAKERS, datasets written to a folder offline: `python data.py --make jpegs DIR` builds an
+ImageNet-like folder of JPEGs for timing the input pipeline.
 """
 import itertools
 import math
