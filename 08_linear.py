@@ -22,7 +22,8 @@ Departures:
   every epoch and reports the best, a choice made on the validation set itself.
 - The mean patch token is appended after the CLS tokens; the official code interleaves the two,
   which only permutes W's columns. It also allows n > 1 with it (the official code does not).
-- One process, any number of classes; `--raw_pixels`: the flattened pixels as features, a baseline.
+- One process; any number of classes, matched by name between train/ and val/ (as in 06_knn.py);
+  `--raw_pixels`: the flattened pixels as features, a baseline.
 
 Usage:
     python 08_linear.py --checkpoint OUT/checkpoint.pth --data_path textures --precomputed
@@ -41,13 +42,10 @@ import torch.nn.functional as F
 from torchvision import transforms
 
 import checkpoint as ckpt
+import cli
 import data
 
 knn = importlib.import_module("06_knn")
-
-
-class UsageError(Exception):
-    """An argument out of range: the message names it."""
 
 
 class LinearClassifier(nn.Module):
@@ -125,34 +123,53 @@ def accuracy(classifier, z, labels):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Linear evaluation of DINO features")
+    p = cli.Parser("Linear evaluation of DINO features")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
     src.add_argument("--pretrained", help=knn.PRETRAINED_HELP)
     src.add_argument("--random_init", action="store_true", help="an untrained network: the baseline to read against")
     src.add_argument("--raw_pixels", action="store_true", help="the normalised pixels themselves: the other baseline")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default="vit_small", help="for --pretrained FILE / --random_init")
-    p.add_argument("--patch_size", "--patch", type=int, default=16)
-    p.add_argument("--image_size", type=int, default=None,
+    p.add_argument("--arch", default="vit_small", choices=sorted(knn.vits.ARCHS),
+                   help="for --pretrained FILE / --random_init")
+    p.add_argument("--patch_size", "--patch", type=cli.positive_int, default=16)
+    p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="crop size; default: the checkpoint's global crop size, else 224")
-    p.add_argument("--n_last_blocks", type=int, default=None,
+    p.add_argument("--n_last_blocks", type=cli.positive_int, default=None,
                    help="concatenate the CLS tokens of this many last blocks; default: 4 (the official choice for "
                         "ViT-S, used for the smaller ViTs too), 1 for ViT-B")
     p.add_argument("--avgpool_patchtokens", action=argparse.BooleanOptionalAction, default=None,
                    help="also append the mean patch token of the last block; default: on for ViT-B only, as official")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--lr", type=float, default=0.001,
+    p.add_argument("--epochs", type=cli.positive_int, default=100)
+    p.add_argument("--lr", type=cli.positive_float, default=0.001,
                    help="for a batch of 256, scaled linearly with the batch; the official help advises tuning it "
                         "per checkpoint")
-    p.add_argument("--batch_size_per_gpu", type=int, default=128)
+    p.add_argument("--batch_size_per_gpu", type=cli.positive_int, default=128)
     p.add_argument("--precomputed", action="store_true",
                    help="extract un-augmented training features once and train on them in memory (fast; a departure)")
     p.add_argument("--data_path", default="textures",
                    help="ImageFolder with train/ and val/, or " + ", ".join(data.BUILTIN))
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--num_workers", type=cli.nonneg_int, default=2)
     p.add_argument("--output_dir", default=None, help="where linear.json goes; default: beside the checkpoint")
     return p
+
+
+def prepare(args):
+    """Everything that can be wrong with the input, found before any work:
+    (backbone, image_size, out_dir, train_set, val_set, val labels in train's numbering)."""
+    backbone, image_size, out_dir = knn.prepare(args)  # also sets --arch / --patch_size from the source
+    if args.n_last_blocks is None:  # the official choice per architecture
+        args.n_last_blocks = 1 if args.arch == "vit_base" else 4
+    if args.avgpool_patchtokens is None:
+        args.avgpool_patchtokens = args.arch == "vit_base"
+    depth = len(getattr(backbone, "blocks", ()))  # 0 for raw pixels
+    if depth and args.n_last_blocks > depth:
+        raise cli.UsageError(f"--n_last_blocks {args.n_last_blocks} exceeds the {depth} blocks of {args.arch}")
+    eval_tf = knn.eval_transform(image_size)
+    train_tf = eval_tf if args.precomputed else train_transform(image_size)
+    train_set = data.build_dataset(args.data_path, "train", train_tf)
+    val_set = data.build_dataset(args.data_path, "val", eval_tf)
+    return backbone, image_size, out_dir, train_set, val_set, knn.match_classes(train_set, val_set)
 
 
 def main(args):
@@ -161,31 +178,20 @@ def main(args):
     dtype = torch.bfloat16 if device.type == "cuda" else None
     if device.type == "cpu":  # as train.py: the loader's workers need cores too (on 2 cores, 4x faster here)
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - args.num_workers)))
-    backbone, image_size, out_dir = knn.build_backbone(args)  # sets --arch / --patch_size from the source
-    depth = len(getattr(backbone, "blocks", ()))
-    if args.n_last_blocks is None:  # the paper's choice per architecture
-        args.n_last_blocks = 1 if args.arch == "vit_base" else 4
-    if args.avgpool_patchtokens is None:
-        args.avgpool_patchtokens = args.arch == "vit_base"
-    if depth and not 1 <= args.n_last_blocks <= depth:
-        raise UsageError(f"--n_last_blocks must lie in 1..{depth} for {args.arch}, got {args.n_last_blocks}")
-    if args.epochs < 1 or args.batch_size_per_gpu < 1 or args.lr <= 0:
-        raise UsageError("--epochs, --batch_size_per_gpu and --lr must be positive")
-    eval_tf = knn.eval_transform(image_size)
-    train_set = data.build_dataset(args.data_path, "train", eval_tf if args.precomputed else train_transform(image_size))
-    val_set = data.build_dataset(args.data_path, "val", eval_tf)
-    ckpt.check_writable(out_dir)
+    backbone, image_size, out_dir, train_set, val_set, val_to_train = prepare(args)
     backbone.to(device).eval().requires_grad_(False)
 
     def loader(dataset, shuffle):
         return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, shuffle=shuffle,
-                                           num_workers=args.num_workers, pin_memory=device.type == "cuda")
+                                           num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                           worker_init_fn=data.ignore_stop_signals)
 
     def extract(dataset):
         z, y = zip(*feature_batches(backbone, loader(dataset, False), args, device, dtype))
         return torch.cat(z), torch.cat(y)
 
     val_z, val_y = extract(val_set)
+    val_y = val_to_train.to(device)[val_y]
     if args.precomputed:
         train_z, train_y = extract(train_set)
         epoch_batches = partial(in_memory_batches, train_z, train_y, args.batch_size_per_gpu)
@@ -204,6 +210,7 @@ def main(args):
     train_linear(classifier, epoch_batches, args.epochs, lr)
     top1, top5 = accuracy(classifier, val_z, val_y)
     print(f"linear: top-1 {top1:.2f}%  top-5 {top5:.2f}% on {len(val_y)} validation images")
+    out_dir.mkdir(parents=True, exist_ok=True)
     name = ("linear_random_init.json" if args.random_init else "linear_raw_pixels.json" if args.raw_pixels
             else "linear.json")
     ckpt.save_json({"source": str(what), "arch": args.arch, "patch_size": args.patch_size, "data_path": args.data_path,
@@ -214,15 +221,5 @@ def main(args):
     print(f"linear top-1: {top1:.2f}%")
 
 
-def cli(argv=None):
-    """Bad input: one `error:` line, exit code 2, nothing written."""
-    try:
-        main(get_args_parser().parse_args(argv))
-    except (data.DataError, ckpt.CheckpointError, UsageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(cli.run(main, get_args_parser().parse_args))

@@ -142,16 +142,6 @@ def load_strict(module, state_dict, what):
     module.load_state_dict(state_dict, strict=True)
 
 
-def check_writable(directory):
-    """Create `directory` and write a probe file in it: an unwritable output fails before the work, not after."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write_test"
-        probe.write_bytes(b"0"), probe.unlink()
-    except OSError as e:
-        raise CheckpointError(f"cannot write to {directory} ({e.strerror or e}); pass a writable --output_dir") from None
-
-
 def save_json(obj, path):
     """Small JSON results, written atomically like the checkpoints."""
     import json

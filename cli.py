@@ -1,4 +1,4 @@
-"""The command line's edge, shared by train.py, 06_knn.py and 07_attention.py.
+"""The command line's edge, shared by train.py, 06_knn.py, 07_attention.py and 08_linear.py.
 
 The contract: bad input ends with exactly one line starting `error:` on stderr, exit code 2, no traceback,
 and nothing written. This module is where it is kept:

@@ -16,6 +16,7 @@ knn = load("06_knn")
 att = load("07_attention")
 vits = load("02_vit")
 ckpt = load("checkpoint")
+cli = load("cli")
 data = load("data")
 
 CLASSES = (0, 2, 3, 4, 6)  # hstripes, checker, dots, rings, diagonals
@@ -64,11 +65,11 @@ def probe_data(tmp_path_factory):
 def test_linear_probe_trained_beats_random_init(probe_data, tmp_path, precomputed):
     """Both modes rank the features the same way: trained above random (here 70-84 % against 38-46 %)."""
     folder, trained = probe_data
-    common = ["--data_path", str(folder), "--output_dir", str(tmp_path), "--epochs", "30",
+    common = ["--data_path", str(folder), "--output_dir", str(tmp_path / "out"), "--epochs", "30",
               "--batch_size_per_gpu", "8", "--lr", "1.0"] + (["--precomputed"] if precomputed else [])
     lin.main(linear_args("--checkpoint", str(trained), *common))
     lin.main(linear_args("--random_init", "--arch", "vit_nano", "--patch_size", "8", "--image_size", "32", *common))
-    ours, rand = (json.loads((tmp_path / f).read_text()) for f in ("linear.json", "linear_random_init.json"))
+    ours, rand = (json.loads((tmp_path / "out" / f).read_text()) for f in ("linear.json", "linear_random_init.json"))
     assert ours["precomputed"] == precomputed and ours["n_last_blocks"] == 4 and not ours["avgpool_patchtokens"]
     assert ours["top1"] >= rand["top1"] + 15, (ours, rand)
 
@@ -84,13 +85,13 @@ def test_linear_cli_end_to_end_and_bad_input(probe_data, tmp_path, capsys):
     assert json.loads((trained.parent / "linear.json").read_text())["top1"] == float(last.split()[-1][:-1])
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for extra, expected in ((["--n_last_blocks", "7"], "--n_last_blocks must lie in 1..6"),
-                            (["--epochs", "0"], "must be positive"),
+    for extra, expected in ((["--n_last_blocks", "7"], "--n_last_blocks 7 exceeds the 6 blocks of vit_nano"),
+                            (["--epochs", "0"], "--epochs: expected an integer >= 1"),
                             (["--data_path", str(tmp_path / "nothing")], "neither a directory"),
                             (["--checkpoint", str(blocker)], "is not a PyTorch checkpoint"),
                             (["--output_dir", str(blocker / "o")], "cannot write to")):
         argv = ["--checkpoint", str(trained), "--data_path", str(folder), "--output_dir", str(tmp_path / "o")] + extra
-        assert lin.cli(argv + ["--num_workers", "0"]) == 2
+        assert cli.run(lin.main, lin.get_args_parser().parse_args, argv + ["--num_workers", "0"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "o").exists()
