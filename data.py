@@ -131,6 +131,8 @@ class SafeImageFolder:
 
         class _Safe(ImageFolder):
             def __getitem__(self, i):
+                if i >= len(self):  # the end of a plain for loop; only the skipping below wraps around
+                    raise IndexError(i)
                 for k in range(16):
                     try:
                         return super().__getitem__((i + k) % len(self))
