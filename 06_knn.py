@@ -139,7 +139,7 @@ def get_args_parser():
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
                    help="the paper evaluates the teacher, which is better than the student throughout training")
     p.add_argument("--arch", default="vit_small", choices=sorted(vits.ARCHS), help="for --pretrained / --random_init")
-    p.add_argument("--patch_size", "--patch", type=cli.positive_int, default=16)
+    p.add_argument("--patch_size", "--patch", type=cli.patch_size, default=16)
     p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="centre-crop size; default: the checkpoint's global crop size, else 224")
     p.add_argument("--data_path", default="textures",
@@ -165,8 +165,8 @@ def build_backbone(args):
         if isinstance(train_args, dict) and "arch" in train_args:
             args.arch, args.patch_size = train_args["arch"], train_args.get("patch_size")
             args.image_size = args.image_size or train_args.get("global_size")
-            if args.arch not in vits.ARCHS or not all(isinstance(v, int) and v > 0 for v in
-                                                      (args.patch_size, args.image_size or 224)):
+            if args.arch not in vits.ARCHS or not (isinstance(args.patch_size, int) and 1 <= args.patch_size
+                                                   <= cli.MAX_PATCH and isinstance(args.image_size or 224, int)):
                 raise ckpt.CheckpointError(f"{args.checkpoint} has unusable args (arch {args.arch!r}, patch_size "
                                            f"{args.patch_size!r}, global_size {args.image_size!r}); pass a "
                                            f"checkpoint written by train.py")

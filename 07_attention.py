@@ -108,7 +108,7 @@ def get_args_parser():
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
     p.add_argument("--arch", default="vit_small", choices=sorted(knn.vits.ARCHS),
                    help="for --pretrained / --random_init")
-    p.add_argument("--patch_size", "--patch", type=cli.positive_int, default=8)
+    p.add_argument("--patch_size", "--patch", type=cli.patch_size, default=8)
     p.add_argument("--image", default=None,
                    help="an image file; default: a photograph shipped with matplotlib; 'textures:N' for image N "
                         "of the embedded dataset's val split")

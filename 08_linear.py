@@ -132,7 +132,7 @@ def get_args_parser():
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
     p.add_argument("--arch", default="vit_small", choices=sorted(knn.vits.ARCHS),
                    help="for --pretrained FILE / --random_init")
-    p.add_argument("--patch_size", "--patch", type=cli.positive_int, default=16)
+    p.add_argument("--patch_size", "--patch", type=cli.patch_size, default=16)
     p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="crop size; default: the checkpoint's global crop size, else 224")
     p.add_argument("--n_last_blocks", type=cli.positive_int, default=None,

@@ -429,11 +429,11 @@ def get_args_parser():
                    help="a named set of defaults (explicit flags still win)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_small", choices=list(vits.ARCHS))
-    g.add_argument("--patch_size", "--patch", type=cmdline.positive_int, default=16,
+    g.add_argument("--patch_size", "--patch", type=cmdline.patch_size, default=16,
                    help="smaller patches: better features, quadratically more tokens; "
                         "with patches < 16 the authors train in fp32 (fp16 overflows), bf16 is fine")
-    g.add_argument("--out_dim", type=cmdline.positive_int, default=65536,
-                   help="K, the number of prototypes; 1024-8192 converges faster on small datasets")
+    g.add_argument("--out_dim", type=cmdline.number(int, lambda k: 1 <= k <= 2 ** 20, "an integer in [1, 2^20]"),
+                   default=65536, help="K, the number of prototypes; 1024-8192 converges faster on small datasets")
     g.add_argument("--norm_last_layer", type=cmdline.bool_flag, default=True,
                    help="unit-norm prototypes: more stable; False improves ViT-S but can diverge")
     g.add_argument("--momentum_teacher", type=cmdline.probability, default=0.996,

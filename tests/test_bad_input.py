@@ -148,16 +148,19 @@ def test_generated_bytes_at_every_file_argument(name, flag, real, work):
 
 # ---------------------------------------------------------------------------- the cases found by hand
 @pytest.mark.parametrize("name,flags,says", [
-    ("train", ["--patch_size", "0"], "--patch_size/--patch: expected an integer >= 1, got '0'"),
-    ("06", ["--patch_size", "0"], "--patch_size/--patch: expected an integer >= 1, got '0'"),
-    ("07", ["--patch_size", "0"], "--patch_size/--patch: expected an integer >= 1, got '0'"),
-    ("train", ["--patch_size", "-8"], "--patch_size/--patch: expected an integer >= 1, got '-8'"),
+    ("train", ["--patch_size", "0"], "--patch_size/--patch: expected an integer in [1, 64], got '0'"),
+    ("06", ["--patch_size", "0"], "--patch_size/--patch: expected an integer in [1, 64], got '0'"),
+    ("07", ["--patch_size", "0"], "--patch_size/--patch: expected an integer in [1, 64], got '0'"),
+    ("train", ["--patch_size", "-8"], "--patch_size/--patch: expected an integer in [1, 64], got '-8'"),
+    # sizes that pass every other check but would allocate more memory than the machine has (24 GB for this one)
+    ("06", ["--patch_size", "4000", "--image_size", "400000"], "--patch_size/--patch: expected an integer in [1, 64]"),
+    ("train", ["--out_dim", str(10 ** 9)], "--out_dim: expected an integer in [1, 2^20]"),
     ("train", ["--log_freq", "0"], "--log_freq: expected an integer >= 1"),
     ("train", ["--global_crops_scale", "1.0", "0.4"], "--global_crops_scale: expected LOW HIGH with LOW <= HIGH"),
     ("train", ["--local_crops_scale", "0.5", "1.5"], "--local_crops_scale: expected a number in (0, 1], got '1.5'"),
     ("train", ["--global_size", "0"], "--global_size: expected an integer >= 1"),
-    ("train", ["--out_dim", "0"], "--out_dim: expected an integer >= 1"),
-    ("train", ["--out_dim", "-5"], "--out_dim: expected an integer >= 1"),
+    ("train", ["--out_dim", "0"], "--out_dim: expected an integer in [1, 2^20]"),
+    ("train", ["--out_dim", "-5"], "--out_dim: expected an integer in [1, 2^20]"),
     ("train", ["--warmup_epochs", "-1"], "--warmup_epochs: expected an integer >= 0"),
     ("train", ["--warmup_epochs", "3"], "cannot exceed --epochs (2)"),
     ("train", ["--num_workers", "-1"], "--num_workers: expected an integer >= 0"),
