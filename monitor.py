@@ -35,7 +35,8 @@ def drift_message(log_rows, K, window=3):
     if h[-1] > 0.8 * log_k and h[-1] >= h[0]:
         return (f"warning: drifting towards the uniform collapse: h(P_t) = {h[-1]:.2f} is {h[-1] / log_k:.0%} of "
                 f"log K and KL fell from {kl[0]:.2f} to {kl[-1]:.2f} over {window} epochs. Centering is winning: "
-                f"stop and lower --teacher_temp, or use a smaller --out_dim (about one prototype per 20 images).")
+                f"lower --teacher_temp, or use a smaller --out_dim (about one prototype per 20 images); a run with more "
+                f"--steps may also turn back on its own, so watch whether KL keeps falling.")
     if h[-1] < 0.1 * log_k and kl[-1] < 0.1 * log_k and h[-1] <= h[0]:  # a sharp teacher alone is healthy
         return (f"warning: drifting towards one dimension: h(P_t) = {h[-1]:.2f} is {h[-1] / log_k:.0%} of log K and "
                 f"KL fell from {kl[0]:.2f} to {kl[-1]:.2f} over {window} epochs. Sharpening is winning: stop and "

@@ -1,5 +1,6 @@
 """The course preset learns on real photographs it was never tuned for: a short run on crops of the
-photographs that ship with matplotlib, scikit-image and scikit-learn beats the same network at random init."""
+photographs that ship with matplotlib, scikit-image and scikit-learn beats the same network at random init
+by a clear margin."""
 import torch
 
 from conftest import load
@@ -9,10 +10,9 @@ train, data, knn, vits, ckpt = load("train"), load("data"), load("06_knn"), load
 
 def test_course_preset_beats_random_init_on_real_photographs(tmp_path):
     folder = tmp_path / "photos"
-    data._write_crops(data._photos(), folder, 40, (0.15, 0.45), "jpg")  # 352 training, 88 validation crops
+    data._write_crops(data._photos(), folder, 80, (0.15, 0.45), "jpg")  # 704 training, 176 validation crops
     argv = ["--preset", "cpu_course", "--data_path", str(folder), "--output_dir", str(tmp_path / "run"),
-            "--steps", "200", "--batch_size_per_gpu", "32", "--lr", "4e-3",  # the preset's peak lr at half its batch
-            "--num_workers", "0", "--eval_every", "0"]
+            "--steps", "240", "--eval_every", "0"]  # half the preset's budget, about 2 minutes on 2 cores
     assert train.main(train.parse_args(argv)) == 0
 
     def knn_top1(backbone):
@@ -25,4 +25,5 @@ def test_course_preset_beats_random_init_on_real_photographs(tmp_path):
     ckpt.load_strict(trained, ckpt.backbone_state_dict(state), "trained")
     before, after = knn_top1(random_init), knn_top1(trained)
     print(f"20-NN top-1: random init {before:.1f} %, trained {after:.1f} %")
-    assert after > before, (before, after)  # 200 steps: a short run, so only the direction is asserted
+    # measured on 2 CPU cores: 72.2 % -> 81.2 %, 9 points; asserted: more than 4 (the errors fall by a sixth)
+    assert after > before + 4, (before, after)
