@@ -165,8 +165,9 @@ def build_backbone(args):
         if isinstance(train_args, dict) and "arch" in train_args:
             args.arch, args.patch_size = train_args["arch"], train_args.get("patch_size")
             args.image_size = args.image_size or train_args.get("global_size")
-            if args.arch not in vits.ARCHS or not (isinstance(args.patch_size, int) and 1 <= args.patch_size
-                                                   <= cli.MAX_PATCH and isinstance(args.image_size or 224, int)):
+            if args.arch not in vits.ARCHS or not all(isinstance(v, int) and v > 0 for v in
+                                                      (args.patch_size, args.image_size or 224)) \
+                    or args.patch_size > cli.MAX_PATCH:  # the bound of --patch_size's own type
                 raise ckpt.CheckpointError(f"{args.checkpoint} has unusable args (arch {args.arch!r}, patch_size "
                                            f"{args.patch_size!r}, global_size {args.image_size!r}); pass a "
                                            f"checkpoint written by train.py")
