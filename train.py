@@ -325,7 +325,7 @@ def setup(args):
     cuda = device.type == "cuda"
     if args.reference_mode:
         args.precision, args.compile = ("fp16" if cuda else "fp32"), False
-    precision = args.precision if args.precision != "auto" else ("bf16" if cuda else "fp32")
+    precision = args.precision if args.precision != "auto" else runtime.auto_precision(device)
     use_compile = cuda if args.compile is None else args.compile
     resume = check_args(args)  # (path, state) of the checkpoint to continue from, or None
     runtime.seed_everything(args.seed)  # the same initial weights on every rank: the teacher is copied before DDP
@@ -362,10 +362,11 @@ def setup(args):
     if world > 1 and cuda and args.use_bn_in_head:  # BatchNorm statistics over the global batch, as official
         student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
     student, teacher = student.to(device), teacher.to(device)
-    if args.reference_mode:
-        for m in list(student.modules()) + list(teacher.modules()):
-            if isinstance(m, (vits.Attention, vits.PatchEmbed)):
-                m.fused = False
+    for m in list(student.modules()) + list(teacher.modules()):
+        if args.reference_mode and isinstance(m, (vits.Attention, vits.PatchEmbed)):
+            m.fused = False  # the official computations
+        if device.type == "cpu" and precision != "fp32" and isinstance(m, vits.Attention):
+            m.fused = False  # PyTorch's CPU flash-attention backward is ~9x slower in bf16 than the explicit softmax
     loss_fn = losses.DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp,
                               args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(device)
     opt_kw = {"fused": True} if device.type in ("cuda", "cpu") else {}  # one kernel for all parameters
@@ -400,22 +401,24 @@ def setup(args):
 
 
 # ---------------------------------------------------------------------------- arguments
-# A small recipe for a 2-core CPU (about 7 minutes with its k-NN evaluations): patch 8 on 32 px crops
-# (4 x 4 patches) and 2 local crops keep a step cheap; batch 64 gives more steps in the time; K = 256
-# prototypes (about 20 images per prototype on 5000 images, as 65536 on ImageNet); a low teacher temperature
-# (0.02: at 0.04 the teacher drifted to uniform, h(P_t) 5.2 of log K = 5.55, k-NN 60.8 % after 3 epochs against
-# 82.1 %) and momentum 0.99. BatchNorm in the head (an official option, off for ViTs): the CLS features of a
-# freshly initialised ViT point alike (mean pairwise cosine 0.62 on textures, still 0.61 after the head, 0.18
-# with BatchNorm); without it the teacher's output stayed near uniform and k-NN reached 48.7 % against 87.0 %
-# (44.2 % at random init). A budget of 480 steps, not epochs (--steps): a folder of 1,400 images gets as many
-# updates as one of 5,000 (22 epochs instead of 6) and a folder of 50,000 stops in time (6 epochs of 80 steps).
-# That leaves no room for a 10-epoch lr warm-up or a frozen last layer, so: warm-up over the first sixth of
-# the run to lr 2e-3, no freezing, no stochastic depth in a 6-block ViT, and local crops of at least 10 % of
-# the image (5 % of 32 x 32 px is a 7 px patch). Explicit flags still override it.
+# A small recipe for a 2-core CPU (5-6 minutes with its k-NN evaluations in bf16 on a CPU with AMX, about 10
+# in fp32 elsewhere: 10 min 31 s on digits): patch 8 on 32 px crops (4 x 4 patches) and 2 local crops keep a step cheap; batch 64
+# gives more steps in the time; K = 256 prototypes (about 20 images per prototype on 5000 images, as 65536 on
+# ImageNet); a low teacher temperature (0.02: at 0.04 the teacher drifted to uniform, h(P_t) 5.2 of log K = 5.55,
+# k-NN 60.8 % after 3 epochs against 82.1 %) and momentum 0.99. BatchNorm in the head (an official option, off for
+# ViTs): the CLS features of a freshly initialised ViT point alike (mean pairwise cosine 0.62 on textures, still
+# 0.61 after the head, 0.18 with BatchNorm); without it the teacher's output stayed near uniform and k-NN reached
+# 48.7 % against 87.0 % (44.2 % at random init). A budget of 1440 steps, not epochs (--steps): a folder of 1,400
+# images gets as many updates as one of 5,000 (65 epochs instead of 18) and a folder of 50,000 stops in time
+# (6 epochs of 240 steps). Steps are what small folders need most: on digits 480 / 960 / 1440 steps gave
+# 62.4 / 75.5 / 83.0 % k-NN (54.6 % at random init). That leaves no room for a 10-epoch lr warm-up or a frozen
+# last layer, so: warm-up over the first sixth of the run to lr 2e-3, no freezing, no stochastic depth in a
+# 6-block ViT, and local crops of at least 10 % of the image (5 % of 32 x 32 px is a 7 px patch). Explicit flags
+# still override it.
 PRESETS = {
     "cpu_course": dict(arch="vit_nano", patch_size=8, data_path="textures", global_size=32, local_size=16,
                        local_crops_number=2, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
-                       out_dim=256, use_bn_in_head=True, batch_size_per_gpu=64, epochs=6, steps=480,
+                       out_dim=256, use_bn_in_head=True, batch_size_per_gpu=64, epochs=6, steps=1440,
                        warmup_epochs=1, lr=2e-3, min_lr=1e-5,
                        momentum_teacher=0.99, warmup_teacher_temp=0.02, teacher_temp=0.02,
                        warmup_teacher_temp_epochs=0, freeze_last_layer=0, drop_path_rate=0.0, num_workers=1,
@@ -449,7 +452,8 @@ def get_args_parser():
                    help="epochs of linear tau_t warm-up (30 in the boosted recipe)")
     g = p.add_argument_group("optimization")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 on CUDA (no loss scaling needed), fp32 elsewhere; fp16 adds a GradScaler")
+                   help="auto: bf16 on CUDA and on CPUs with AMX (no loss scaling needed), fp32 elsewhere; "
+                        "fp16 adds a GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile student and teacher; default on for CUDA, off elsewhere")
     g.add_argument("--weight_decay", type=cmdline.nonneg_float, default=0.04,

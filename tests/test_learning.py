@@ -12,7 +12,7 @@ def test_course_preset_beats_random_init_on_real_photographs(tmp_path):
     folder = tmp_path / "photos"
     data._write_crops(data._photos(), folder, 80, (0.15, 0.45), "jpg")  # 704 training, 176 validation crops
     argv = ["--preset", "cpu_course", "--data_path", str(folder), "--output_dir", str(tmp_path / "run"),
-            "--steps", "240", "--eval_every", "0"]  # half the preset's budget, about 2 minutes on 2 cores
+            "--steps", "240", "--eval_every", "0"]  # a sixth of the preset's budget: 1-2 minutes on 2 cores
     assert train.main(train.parse_args(argv)) == 0
 
     def knn_top1(backbone):
@@ -25,5 +25,5 @@ def test_course_preset_beats_random_init_on_real_photographs(tmp_path):
     ckpt.load_strict(trained, ckpt.backbone_state_dict(state), "trained")
     before, after = knn_top1(random_init), knn_top1(trained)
     print(f"20-NN top-1: random init {before:.1f} %, trained {after:.1f} %")
-    # measured on 2 CPU cores: 72.2 % -> 81.2 %, 9 points; asserted: more than 4 (the errors fall by a sixth)
+    # measured on 2 CPU cores: 72.2 % -> 80.7 % in bf16 (69 s), 81.2 % in fp32; asserted: more than 4 points
     assert after > before + 4, (before, after)
