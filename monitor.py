@@ -22,15 +22,15 @@ def collapse_message(entropy, kl, K):
 
 def drift_message(log_rows, K, window=3):
     """An early warning, while there is still time to stop and change a flag: KL has shrunk epoch after epoch for
-    `window` epochs while the teacher's entropy is near one of the collapse ends and not coming back (above 80 %
+    `window` epochs, by more than a tenth in all (a long healthy run's KL eases down by a few percent), while the teacher's entropy is near one of the collapse ends and not coming back (above 80 %
     of log K; or below 10 % of log K with KL there too, since a sharp teacher that the student still learns
     from is what DINO wants)."""
     if len(log_rows) < window:
         return None
     h = [r["entropy"] for r in log_rows[-window:]]
     kl = [r["kl"] for r in log_rows[-window:]]
-    if not all(b < a for a, b in zip(kl, kl[1:])):  # the student still finds something to learn
-        return None
+    if not all(b < a for a, b in zip(kl, kl[1:])) or kl[-1] > 0.9 * kl[0]:
+        return None  # the student still finds something to learn
     log_k = math.log(K)
     if h[-1] > 0.8 * log_k and h[-1] >= h[0]:
         return (f"warning: drifting towards the uniform collapse: h(P_t) = {h[-1]:.2f} is {h[-1] / log_k:.0%} of "

@@ -175,6 +175,8 @@ def test_drift_towards_a_collapse_is_named_before_it_happens():
     settled = rows([(4.9, 0.50), (4.9, 0.46), (4.9, 0.43)])  # flat at 88 % of log K while KL keeps shrinking
     assert "uniform collapse" in monitor.drift_message(settled, K)
     assert monitor.drift_message(rows([(0.4 * log_k, 2.0), (0.4 * log_k, 1.5), (0.4 * log_k, 1.0)]), K) is None
+    late = rows([(0.185, 0.623), (0.180, 0.599), (0.168, 0.577)])  # the 1440-step course run (95 %), KL easing down
+    assert monitor.drift_message(late, K) is None
 
 
 @pytest.mark.parametrize("batches,epochs,niter", [(78, 6, 78), (22, 22, 22), (781, 6, 80)])
