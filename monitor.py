@@ -22,9 +22,9 @@ def collapse_message(entropy, kl, K):
 
 def drift_message(log_rows, K, window=3):
     """An early warning, while there is still time to stop and change a flag: KL has shrunk epoch after epoch for
-    `window` epochs, by more than a tenth in all (a long healthy run's KL eases down by a few percent), while the teacher's entropy is near one of the collapse ends and not coming back (above 80 %
-    of log K; or below 10 % of log K with KL there too, since a sharp teacher that the student still learns
-    from is what DINO wants)."""
+    `window` epochs, by more than a tenth in all (a long healthy run's KL eases down by a few percent), while the
+    teacher's entropy is near one of the collapse ends and not coming back (above 80 % of log K; or below 10 % of
+    log K with KL there too, since a sharp teacher that the student still learns from is what DINO wants)."""
     if len(log_rows) < window:
         return None
     h = [r["entropy"] for r in log_rows[-window:]]

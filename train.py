@@ -402,9 +402,9 @@ def setup(args):
 
 # ---------------------------------------------------------------------------- arguments
 # A small recipe for a 2-core CPU (5-6 minutes with its k-NN evaluations in bf16 on a CPU with AMX, about 10
-# in fp32 elsewhere: 10 min 31 s on digits): patch 8 on 32 px crops (4 x 4 patches) and 2 local crops keep a step cheap; batch 64
-# gives more steps in the time; K = 256 prototypes (about 20 images per prototype on 5000 images, as 65536 on
-# ImageNet); a low teacher temperature (0.02: at 0.04 the teacher drifted to uniform, h(P_t) 5.2 of log K = 5.55,
+# in fp32 elsewhere: 10 min 31 s on digits): patch 8 on 32 px crops (4 x 4 patches) and 2 local crops keep a
+# step cheap; batch 64 gives more steps in the time; K = 256 prototypes (about 20 images per prototype on 5000
+# images, as 65536 on ImageNet); a low teacher temperature (0.02: at 0.04 the teacher drifted to uniform, h(P_t) 5.2 of log K = 5.55,
 # k-NN 60.8 % after 3 epochs against 82.1 %) and momentum 0.99. BatchNorm in the head (an official option, off for
 # ViTs): the CLS features of a freshly initialised ViT point alike (mean pairwise cosine 0.62 on textures, still
 # 0.61 after the head, 0.18 with BatchNorm); without it the teacher's output stayed near uniform and k-NN reached
