@@ -356,6 +356,8 @@ def setup(args):
         print(f"note: {args.data_path} has no val/ folder, so there is no k-NN evaluation during training",
               file=sys.stderr)
         args.eval_every = 0
+    elif args.eval_every and args.data_path not in data.BUILTIN:  # a val class train lacks: now, not epochs later
+        knn.match_classes(data.build_dataset(args.data_path, "train"), data.build_dataset(args.data_path, "val"))
 
     # models, loss, optimizer, schedules
     student, teacher = build_models(args)

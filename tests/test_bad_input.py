@@ -318,6 +318,16 @@ def test_knn_matches_classes_by_name(tmp_path, capsys):
     assert code == 2 and err.startswith("error: the val split has classes that the train split lacks: gray;")
 
 
+def test_train_finds_a_val_class_missing_from_train_before_it_starts(tmp_path, capsys):
+    """The first k-NN evaluation would find it only after epochs of training: setup finds it, writing nothing."""
+    root = light_and_dark(tmp_path / "data", {"train": ["dark", "light"], "val": ["dark", "gray", "light"]})
+    code = cli.run(train.main, train.parse_args, TINY + ["--data_path", str(root), "--eval_every", "1",
+                                                         "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: the val split has classes that the train split lacks: gray;"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_16_bit_and_float_images_keep_their_values(tmp_path):
     ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "16bit.png")
