@@ -15,7 +15,8 @@ Official defaults: tau_s 0.1, tau_t 0.04 (warmed up linearly from warmup_teacher
 warmup_teacher_temp_epochs, then constant), center momentum 0.9.
 
 Departures: the batch centre is all_reduced only when a process group exists (so one CPU works);
-`centering` / `sharpening` switches for the ablation; h(P_t) and KL(P_t || P_s) reported on request.
+`centering` / `sharpening` switches for the ablation; h(P_t), KL(P_t || P_s) and h of the batch's
+mean P_t (one dimension for every image, or a sharp P_t of its own for each) reported on request.
 
 Shapes: B batch, V views (crops), K prototypes.
 """
@@ -68,7 +69,11 @@ class DINOLoss(nn.Module):
         # Each teacher view is in V - 1 pairs, so the mean over pairs of h(P_t) is the mean over
         # views, and KL = H(P_t, P_s) - h(P_t) comes for free from the loss.
         entropy = -(pt * log_pt).sum(dim=-1).mean().detach()
-        return loss, {"entropy": entropy, "kl": loss.detach() - entropy}
+        # h of the batch's mean P_t: near 0 only if one dimension takes the mass for every image (the collapse),
+        # not when each image's P_t is sharp on a dimension of its own (what sharpening is for)
+        mean_pt = pt.mean(dim=0)
+        batch_entropy = -(mean_pt * mean_pt.clamp_min(1e-30).log()).sum().detach()
+        return loss, {"entropy": entropy, "kl": loss.detach() - entropy, "batch_entropy": batch_entropy}
 
     @torch.no_grad()
     def update_center(self, teacher_output):

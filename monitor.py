@@ -23,8 +23,9 @@ def collapse_message(entropy, kl, K):
 def drift_message(log_rows, K, window=3):
     """An early warning, while there is still time to stop and change a flag: KL has shrunk epoch after epoch for
     `window` epochs, by more than a tenth in all (a long healthy run's KL eases down by a few percent), while the
-    teacher's entropy is near one of the collapse ends and not coming back (above 80 % of log K; or below 10 % of
-    log K with KL there too, since a sharp teacher that the student still learns from is what DINO wants)."""
+    teacher's entropy is near one of the collapse ends and not coming back: above 80 % of log K; or below 10 % of
+    log K with KL there too and with the batch's mean P_t on few dimensions (h below 10 % of log K too), since a
+    sharp teacher whose images each take a dimension of their own is what sharpening is for."""
     if len(log_rows) < window:
         return None
     h = [r["entropy"] for r in log_rows[-window:]]
@@ -37,9 +38,11 @@ def drift_message(log_rows, K, window=3):
                 f"log K and KL fell from {kl[0]:.2f} to {kl[-1]:.2f} over {window} epochs. Centering is winning: "
                 f"lower --teacher_temp, or use a smaller --out_dim (about one prototype per 20 images); a run with more "
                 f"--steps may also turn back on its own, so watch whether KL keeps falling.")
-    if h[-1] < 0.1 * log_k and kl[-1] < 0.1 * log_k and h[-1] <= h[0]:  # a sharp teacher alone is healthy
+    one_dim = log_rows[-1].get("batch_entropy", 0.0) < 0.1 * log_k  # every image on the same few dimensions
+    if h[-1] < 0.1 * log_k and kl[-1] < 0.1 * log_k and h[-1] <= h[0] and one_dim:
         return (f"warning: drifting towards one dimension: h(P_t) = {h[-1]:.2f} is {h[-1] / log_k:.0%} of log K and "
-                f"KL fell from {kl[0]:.2f} to {kl[-1]:.2f} over {window} epochs. Sharpening is winning: stop and "
+                f"KL fell from {kl[0]:.2f} to {kl[-1]:.2f} over {window} epochs, with every image on the same few "
+                f"dimensions. Sharpening is winning: stop and "
                 f"raise --teacher_temp slightly or lower --lr.")
     return None
 
@@ -57,6 +60,9 @@ def plot_curves(log_rows, path):
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3)
         if k == "entropy" and log_rows:
+            pts = [(r["epoch"], r["batch_entropy"]) for r in log_rows if "batch_entropy" in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label="h(batch mean of P_t)")
             ax.axhline(math.log(log_rows[-1]["out_dim"]), color="gray", ls="--", label="log K")
             ax.axhline(0, color="gray", ls=":")
             ax.legend()

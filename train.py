@@ -166,7 +166,8 @@ def train_one_epoch(dino, run, epoch, start_step, stop):
     """Iterations start_step.. of one epoch; returns the epoch's means, or None on a non-finite loss."""
     from tqdm import tqdm
     args, device, niter = run.args, run.device, run.niter
-    sums = {k: torch.zeros((), device=device) for k in ("loss", "entropy", "kl")}
+    keys = ("loss", "entropy", "kl", "batch_entropy")
+    sums = {k: torch.zeros((), device=device) for k in keys}
     never = torch.iinfo(torch.int64).max
     first_bad = torch.full((), never, device=device)  # the first iteration with a non-finite loss, if any
     n, t0 = 0, time.perf_counter()
@@ -179,7 +180,7 @@ def train_one_epoch(dino, run, epoch, start_step, stop):
         loss, diagnostics = train_step(dino, crops, it, epoch)
         # remember the first non-finite step without a host sync; it is checked at each log point
         first_bad = torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=it))
-        for k, v in (("loss", loss), ("entropy", diagnostics["entropy"]), ("kl", diagnostics["kl"])):
+        for k, v in dict(diagnostics, loss=loss).items():
             sums[k] += v
         n += 1
         log_point = (i + 1) % args.log_freq == 0 or i + 1 == niter
@@ -203,11 +204,11 @@ def train_one_epoch(dino, run, epoch, start_step, stop):
         return None
     dt = time.perf_counter() - t0
     it = epoch * niter + i
-    means = torch.stack([sums["loss"], sums["entropy"], sums["kl"]]) / n
+    means = torch.stack([sums[k] for k in keys]) / n
     if dist.is_initialized():  # the epoch's numbers over all processes
         dist.all_reduce(means)
         means /= dist.get_world_size()
-    row = dict(zip(("loss", "entropy", "kl"), means.tolist()))
+    row = dict(zip(keys, means.tolist()))
     row.update(lr=float(dino.schedule.lr[it]), wd=float(dino.schedule.wd[it]),
                momentum=float(dino.schedule.momentum[it]), steps=n,
                img_per_s=n * args.batch_size_per_gpu * run.world / dt)

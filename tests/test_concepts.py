@@ -446,6 +446,13 @@ def test_diagnostics_entropy_plus_kl_is_loss_and_bounds():
     loss_fn = loss_mod.DINOLoss(K, 4, 0.04, 0.04, 0, 1)
     loss, d = loss_fn(torch.zeros(16, K), torch.zeros(8, K), 0, return_diagnostics=True)
     assert d["entropy"].item() == pytest.approx(math.log(K), rel=1e-5) and abs(d["kl"].item()) < 1e-5
+    # sharp on a dimension of its own for each of the 8 teacher rows: h ~ 0 but the batch's mean spreads over 8
+    sharp_apart = 10 * torch.eye(K)[:8]
+    _, d = loss_mod.DINOLoss(K, 4, 0.04, 0.04, 0, 1)(student, sharp_apart, 0, return_diagnostics=True)
+    assert d["entropy"] < 1e-3 and d["batch_entropy"].item() == pytest.approx(math.log(8), abs=1e-3)
+    # sharp on the same dimension for every row (the other collapse): both near 0
+    _, d = loss_mod.DINOLoss(K, 4, 0.04, 0.04, 0, 1)(student, sharp_apart[[0] * 8], 0, return_diagnostics=True)
+    assert d["entropy"] < 1e-3 and d["batch_entropy"] < 1e-3
 
 
 # ---------------------------------------------------------------- 05 teacher / EMA

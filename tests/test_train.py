@@ -116,8 +116,9 @@ def test_end_to_end_checkpoint_log_and_resume_is_bit_identical(folder, tmp_path,
     assert [r["epoch"] for r in rows] == [0, 1]
     assert [r["epoch"] for r in map(json.loads, (b / "log.txt").read_text().splitlines())] == [0, 1]
     for r in rows:
-        assert {"loss", "lr", "wd", "momentum", "teacher_temp", "entropy", "kl", "img_per_s"} <= set(r)
+        assert {"loss", "lr", "wd", "momentum", "teacher_temp", "entropy", "kl", "batch_entropy", "img_per_s"} <= set(r)
         assert r["loss"] == pytest.approx(r["entropy"] + r["kl"], rel=1e-4)
+        assert r["batch_entropy"] >= r["entropy"] - 1e-4  # h of a mean is at least the mean h (concavity)
     assert (a / "curves.png").exists() and json.loads((a / "config.json").read_text())["out_dim"] == 32
 
 
@@ -153,8 +154,8 @@ def test_collapse_is_named_in_plain_words():
     assert monitor.collapse_message(math.log(K) * 0.99, 1.0, K) is None  # uniform teacher, but the student disagrees
 
 
-def rows(pairs):
-    return [{"entropy": h, "kl": kl} for h, kl in pairs]
+def rows(pairs, batch_entropy=0.0):
+    return [{"entropy": h, "kl": kl, "batch_entropy": batch_entropy} for h, kl in pairs]
 
 
 def test_drift_towards_a_collapse_is_named_before_it_happens():
@@ -177,6 +178,11 @@ def test_drift_towards_a_collapse_is_named_before_it_happens():
     assert monitor.drift_message(rows([(0.4 * log_k, 2.0), (0.4 * log_k, 1.5), (0.4 * log_k, 1.0)]), K) is None
     late = rows([(0.185, 0.623), (0.180, 0.599), (0.168, 0.577)])  # the 1440-step course run (95 %), KL easing down
     assert monitor.drift_message(late, K) is None
+    # surfaces, epochs 7-9 of the preset: sharp and KL falling, but the batch's mean P_t spreads over ~6 dimensions
+    # (h 1.76 = 32 % of log K) and the run ends at 89.8 %, above random init: not one dimension
+    spread = [(0.14, 0.64), (0.09, 0.60), (0.07, 0.54)]
+    assert monitor.drift_message(rows(spread, batch_entropy=1.76), K) is None
+    assert "one dimension" in monitor.drift_message(rows(spread, batch_entropy=0.3), K)
 
 
 @pytest.mark.parametrize("batches,epochs,niter", [(78, 6, 78), (22, 22, 22), (781, 6, 80)])
