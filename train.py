@@ -309,7 +309,8 @@ def fit_to_budget(args, batches):
     args.warmup_epochs = round(args.warmup_epochs * scale)
     args.warmup_teacher_temp_epochs = round(args.warmup_teacher_temp_epochs * scale)
     args.freeze_last_layer = round(args.freeze_last_layer * scale)
-    args.eval_every = max(1, round(args.eval_every * scale)) if args.eval_every else 0
+    # rounded up: every 3 of 6 epochs is every 21 of 41 (k-NN at epochs 20 and 40), not 20 (19, 39 and 40)
+    args.eval_every = -(-args.eval_every * epochs // args.epochs)
     args.epochs = epochs
     return min(batches, round(args.steps / epochs))
 

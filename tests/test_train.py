@@ -185,10 +185,11 @@ def test_drift_towards_a_collapse_is_named_before_it_happens():
     assert "one dimension" in monitor.drift_message(rows(spread, batch_entropy=0.3), K)
 
 
-@pytest.mark.parametrize("batches,epochs,niter", [(78, 6, 78), (22, 22, 22), (781, 6, 80)])
+@pytest.mark.parametrize("batches,epochs,niter", [(78, 6, 78), (22, 22, 22), (13, 37, 13), (781, 6, 80)])
 def test_a_step_budget_gives_small_and_large_datasets_the_same_number_of_steps(batches, epochs, niter):
     args = train.parse_args(["--preset", "cpu_course", "--steps", "480"])  # 6 epochs, 1 of warm-up, k-NN every 3
     assert train.fit_to_budget(args, batches) == niter and args.epochs == epochs
     assert abs(epochs * niter - 480) <= niter / 2 + 1  # about the budget, whatever the dataset's size
     assert args.warmup_epochs / args.epochs == pytest.approx(1 / 6, abs=0.03)  # warm-up keeps its share
-    assert args.eval_every == round(3 * epochs / 6)
+    evaluated = [e for e in range(epochs) if (e + 1) % args.eval_every == 0 or e + 1 == epochs]
+    assert len(evaluated) == 2 and evaluated[-1] == epochs - 1  # halfway (or just after) and at the end
