@@ -42,8 +42,7 @@ def drift_message(log_rows, K, window=3):
     if h[-1] < 0.1 * log_k and kl[-1] < 0.1 * log_k and h[-1] <= h[0] and one_dim:
         return (f"warning: drifting towards one dimension: h(P_t) = {h[-1]:.2f} is {h[-1] / log_k:.0%} of log K and "
                 f"KL fell from {kl[0]:.2f} to {kl[-1]:.2f} over {window} epochs, with every image on the same few "
-                f"dimensions. Sharpening is winning: stop and "
-                f"raise --teacher_temp slightly or lower --lr.")
+                f"dimensions. Sharpening is winning: stop and raise --teacher_temp slightly or lower --lr.")
     return None
 
 

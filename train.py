@@ -223,7 +223,8 @@ def log_epoch(row, epoch, run, loss_fn):
         f.write(json.dumps(row) + "\n")
     monitor.plot_curves(run.log_rows, run.out / "curves.png")
     knn_str = f", k-NN top-1 {row['knn_top1']:.1f}%" if "knn_top1" in row else ""
-    print(f"epoch {epoch}: loss {row['loss']:.4f}, h(P_t) {row['entropy']:.3f}, KL {row['kl']:.3f}"
+    print(f"epoch {epoch}: loss {row['loss']:.4f}, h(P_t) {row['entropy']:.3f}, KL {row['kl']:.3f}, "
+          f"h(batch mean) {row['batch_entropy']:.2f}"
           f"{knn_str}, {row['img_per_s']:.0f} img/s")
     K = run.args.out_dim
     msg = monitor.collapse_message(row["entropy"], row["kl"], K)
