@@ -360,7 +360,7 @@ def setup(args):
               file=sys.stderr)
         args.eval_every = 0
     elif args.eval_every and args.data_path not in data.BUILTIN:  # a val class train lacks: now, not epochs later
-        knn.match_classes(data.build_dataset(args.data_path, "train"), data.build_dataset(args.data_path, "val"))
+        knn.match_classes(dataset, data.build_dataset(args.data_path, "val"))  # dataset is train/ here
 
     # models, loss, optimizer, schedules
     student, teacher = build_models(args)
@@ -406,20 +406,19 @@ def setup(args):
 
 
 # ---------------------------------------------------------------------------- arguments
-# A small recipe for a 2-core CPU (5-6 minutes with its k-NN evaluations in bf16 on a CPU with AMX, about 10
-# in fp32 elsewhere: 10 min 31 s on digits): patch 8 on 32 px crops (4 x 4 patches) and 2 local crops keep a
-# step cheap; batch 64 gives more steps in the time; K = 256 prototypes (about 20 images per prototype on 5000
-# images, as 65536 on ImageNet); a low teacher temperature (0.02: at 0.04 the teacher drifted to uniform, h(P_t) 5.2 of log K = 5.55,
+# A small recipe for a 2-core CPU (5-6 minutes with its k-NN evaluations in bf16 on a CPU with AMX, about 10 in fp32
+# elsewhere: 10 min 31 s on digits): patch 8 on 32 px crops (4 x 4 patches) and 2 local crops keep a step cheap;
+# batch 64 gives more steps in the time; K = 256 prototypes (about 20 images per prototype on 5000 images, as 65536
+# on ImageNet); a low teacher temperature (0.02: at 0.04 the teacher drifted to uniform, h(P_t) 5.2 of log K = 5.55,
 # k-NN 60.8 % after 3 epochs against 82.1 %) and momentum 0.99. BatchNorm in the head (an official option, off for
 # ViTs): the CLS features of a freshly initialised ViT point alike (mean pairwise cosine 0.62 on textures, still
 # 0.61 after the head, 0.18 with BatchNorm); without it the teacher's output stayed near uniform and k-NN reached
 # 48.7 % against 87.0 % (44.2 % at random init). A budget of 1440 steps, not epochs (--steps): a folder of 1,400
-# images gets as many updates as one of 5,000 (65 epochs instead of 18) and a folder of 50,000 stops in time
-# (6 epochs of 240 steps). Steps are what small folders need most: on digits 480 / 960 / 1440 steps gave
-# 62.4 / 75.5 / 83.0 % k-NN (54.6 % at random init). That leaves no room for a 10-epoch lr warm-up or a frozen
-# last layer, so: warm-up over the first sixth of the run to lr 2e-3, no freezing, no stochastic depth in a
-# 6-block ViT, and local crops of at least 10 % of the image (5 % of 32 x 32 px is a 7 px patch). Explicit flags
-# still override it.
+# images gets as many updates as one of 5,000 (65 epochs instead of 18) and a folder of 50,000 stops in time (6
+# epochs of 240 steps). Steps are what small folders need most: on digits 480 / 960 / 1440 steps gave 62.4 / 75.5 /
+# 83.0 % k-NN (54.6 % at random init). That leaves no room for a 10-epoch lr warm-up or a frozen last layer, so:
+# warm-up over the first sixth of the run to lr 2e-3, no freezing, no stochastic depth in a 6-block ViT, and local
+# crops of at least 10 % of the image (5 % of 32 x 32 px is a 7 px patch). Explicit flags still override it.
 PRESETS = {
     "cpu_course": dict(arch="vit_nano", patch_size=8, data_path="textures", global_size=32, local_size=16,
                        local_crops_number=2, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
