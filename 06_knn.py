@@ -41,10 +41,14 @@ PRETRAINED_HELP = (f"an official backbone file or full official checkpoint, or a
                    f"follow from the name)")
 
 
+def eval_resize(image_size):
+    return int(round(image_size * 256 / 224))
+
+
 def eval_transform(image_size):
     """Resize to 256/224 of the crop size, then centre-crop: the official protocol at any scale."""
     return transforms.Compose([
-        transforms.Resize(int(round(image_size * 256 / 224)), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(eval_resize(image_size), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -116,11 +120,14 @@ def match_classes(train_set, val_set):
 
 
 def evaluate(backbone, data_path, image_size, device, nb_knn=(10, 20, 100, 200), temperature=0.07,
-             batch_size=256, num_workers=0, dtype=None):
-    """k-NN accuracies {k: (top1, top5)} of a backbone on a dataset's train (memory) and val (queries)."""
+             batch_size=256, num_workers=0, dtype=None, shrink=None):
+    """k-NN accuracies {k: (top1, top5)} of a backbone on a dataset's train (memory) and val (queries).
+    Images much larger than the evaluation needs are decoded once, shrunk, and kept (data.ShrunkImages):
+    to `shrink` px, or to what the resize needs."""
     tf = eval_transform(image_size)
-    train_set = data.build_dataset(data_path, "train", tf)
-    val_set = data.build_dataset(data_path, "val", tf)
+    shrink = shrink or data.shrink_side([(eval_resize(image_size), None)])
+    train_set = data.build_dataset(data_path, "train", tf, shrink=shrink)
+    val_set = data.build_dataset(data_path, "val", tf, shrink=shrink)
     val_to_train = match_classes(train_set, val_set)
     train_f, train_l = extract_features(backbone, train_set, device, batch_size, num_workers, dtype)
     test_f, test_l = extract_features(backbone, val_set, device, batch_size, num_workers, dtype)

@@ -167,8 +167,9 @@ def prepare(args):
         raise cli.UsageError(f"--n_last_blocks {args.n_last_blocks} exceeds the {depth} blocks of {args.arch}")
     eval_tf = knn.eval_transform(image_size)
     train_tf = eval_tf if args.precomputed else train_transform(image_size)
-    train_set = data.build_dataset(args.data_path, "train", train_tf)
-    val_set = data.build_dataset(args.data_path, "val", eval_tf)
+    shrink = data.shrink_side([(image_size, 0.08), (knn.eval_resize(image_size), None)])  # large files: once
+    train_set = data.build_dataset(args.data_path, "train", train_tf, shrink=shrink)
+    val_set = data.build_dataset(args.data_path, "val", eval_tf, shrink=shrink)
     return backbone, image_size, out_dir, train_set, val_set, knn.match_classes(train_set, val_set)
 
 

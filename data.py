@@ -17,6 +17,7 @@ import itertools
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -90,13 +91,17 @@ class TexturesDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.targets[i]
 
 
-def open_image(path):
+def open_image(path, side=None):
     """An image file as 8-bit RGB, decoded now: a truncated or corrupt file fails here, as a DataError naming it.
     Deeper images keep their real values: 16-bit integers (PNG, TIFF) are divided by 257 (65535 -> 255);
     floats (TIFF) in [0, 1] are multiplied by 255, and floats outside [0, 1] are refused, since no one scaling
-    of them is right for every image (PIL's own convert("RGB") clips both kinds to 0 or 255)."""
+    of them is right for every image (PIL's own convert("RGB") clips both kinds to 0 or 255).
+    With `side`, an image whose shorter side is longer is shrunk to it (antialiased bicubic; a JPEG is first
+    decoded at 1/2, 1/4 or 1/8 of its size where that keeps `side`: PIL's draft, DCT scaling)."""
     try:  # bytes from anywhere can raise anything inside PIL, not only OSError
         img = Image.open(path)
+        if side and min(img.size) > side:  # a no-op for formats other than JPEG
+            img.draft("RGB", tuple(math.ceil(n * side / min(img.size)) for n in img.size))
         img.load()  # closes the file
     except Exception as e:
         reason = (str(e).splitlines() or ["no message"])[0][:200]
@@ -113,7 +118,10 @@ def open_image(path):
             raise DataError(f"unreadable image {path} (float values in [{a.min():g}, {a.max():g}], outside "
                             f"[0, 1]); rescale it to [0, 1] or save it with 8 or 16 bits")
         img = Image.fromarray((a * 255).round().astype(np.uint8))
-    return img.convert("RGB")
+    img, (w, h) = img.convert("RGB"), img.size
+    if side and min(w, h) > side:
+        img = img.resize((max(1, round(w * side / min(w, h))), max(1, round(h * side / min(w, h)))), Image.BICUBIC)
+    return img
 
 
 def path_if_jpeg(path):
@@ -155,6 +163,70 @@ class SafeImageFolder:
         raise DataError(f"the first images in {root} are all unreadable (the last: {last}); check the data")
 
 
+# ---------------------------------------------------------------------------- large files, small crops
+def shrink_side(outputs):
+    """The shorter side (px) from which every output is resampled from at least twice its pixels per side:
+    outputs are (size, smallest area fraction) of random resized crops (aspect ratios 3:4 to 4:3, so the
+    box's shorter side is at least sqrt(3/4 area) of the image's), or (size, None) for a resize of the
+    whole image's shorter side to `size` (evaluation). An image larger than that loses nothing visible by
+    being shrunk to it first."""
+    return math.ceil(max(2 * size / (math.sqrt(0.75 * area) if area else 1) for size, area in outputs))
+
+
+class ShrunkImages:
+    """An ImageFolder's loader for images much larger than their crops need (phone photos for 32 px crops):
+    each file is decoded once, shrunk to `side` (open_image), and kept in memory, instead of being decoded
+    again every epoch and every evaluation (a 12-megapixel JPEG costs about 30 ms even at 1/8 scale, more
+    than a training step's share of an image on a CPU). Decoded in parallel, one process per core; files
+    that fail are kept as their DataError and raised when read, so that SafeImageFolder skips them. The
+    images are shared between the datasets of one process (the k-NN train split is the training set)."""
+
+    _memory = {}  # (path, side) -> PIL image or DataError
+
+    def __init__(self, paths, side, what="images"):
+        self.side = side
+        todo = [p for p in paths if (p, side) not in self._memory]
+        if todo:
+            from concurrent.futures import ProcessPoolExecutor
+            from functools import partial
+            from tqdm import tqdm
+            with ProcessPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
+                done = pool.map(partial(_open_or_error, side=side), todo, chunksize=8)
+                for p, img in zip(todo, tqdm(done, total=len(todo), desc=f"decoding {what}", leave=False)):
+                    self._memory[(p, side)] = img
+            mb = sum(3 * i.width * i.height for i in map(self._memory.get, ((p, side) for p in todo))
+                     if isinstance(i, Image.Image)) / 2 ** 20
+            print(f"note: {len(todo)} {what} are far larger than needed at this resolution: decoded once, shrunk "
+                  f"to {side} px (shorter side) and kept in memory ({mb:.0f} MiB)", file=sys.stderr)
+        self.images = {p: self._memory[(p, side)] for p in paths}
+
+    def __call__(self, path):
+        img = self.images[path]
+        if isinstance(img, DataError):
+            raise img
+        return img
+
+
+def _open_or_error(path, side):
+    try:
+        return open_image(path, side)
+    except DataError as e:
+        return e
+
+
+def large_images(paths, side, sample=32):
+    """Whether a folder's images are much larger than `side`: the median shorter side of up to `sample`
+    files, evenly spaced, read from their headers, is above twice it."""
+    shorter = []
+    for p in paths[::max(1, len(paths) // sample)][:sample]:
+        try:
+            with Image.open(p) as img:
+                shorter.append(min(img.size))
+        except Exception:  # unreadable files are reported where they are read
+            pass
+    return bool(shorter) and float(np.median(shorter)) > 2 * side
+
+
 def _torchvision(name, split, transform, download_dir):
     from torchvision import datasets
     download_dir = Path(download_dir or CACHE)
@@ -176,10 +248,12 @@ def has_val(data_path):
     return data_path in BUILTIN or (Path(data_path) / "val").is_dir() and (Path(data_path) / "train").is_dir()
 
 
-def build_dataset(data_path, split, transform=None, download_dir=None, loader=None):
+def build_dataset(data_path, split, transform=None, download_dir=None, loader=None, shrink=None):
     """split: 'pretrain' (what DINO trains on), 'train' or 'val' (the k-NN memory bank and queries).
     loader: what an ImageFolder hands the transform (an RGB PIL image by default, or path_if_jpeg); the
-    built-in datasets always give PIL images."""
+    built-in datasets always give PIL images. shrink: a side (shrink_side) below which nothing is lost;
+    when a folder's images are much larger (large_images), they are decoded once, shrunk to it, and kept
+    in memory (ShrunkImages)."""
     if data_path in BUILTIN:
         if data_path == "textures":
             return TexturesDataset("val" if split == "val" else "train", transform)
@@ -193,7 +267,11 @@ def build_dataset(data_path, split, transform=None, download_dir=None, loader=No
         root = sub
     elif split == "val":
         raise DataError(f"{data_path} has no val/ folder; k-NN evaluation needs ROOT/train and ROOT/val")
-    return SafeImageFolder(str(root), transform, loader)
+    dataset = SafeImageFolder(str(root), transform, loader)
+    paths = [p for p, _ in dataset.samples]
+    if shrink and large_images(paths, shrink):
+        dataset.loader = ShrunkImages(paths, shrink, f"{'training' if split == 'pretrain' else split} images")
+    return dataset
 
 
 # ---------------------------------------------------------------------------- small real datasets

@@ -124,6 +124,7 @@ class Run:
     niter: int  # iterations per epoch
     workers: int  # data-loading processes
     out: Path  # --output_dir
+    shrink: int = None  # the shorter side (px) large images are shrunk to, once (data.ShrunkImages)
     start_epoch: int = 0  # where a resumed run continues
     start_step: int = 0
     log_rows: list = None  # log.txt rows of the epochs already done
@@ -144,7 +145,8 @@ def fit(dino, run, stop):
         done = step == run.niter
         if done and args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             res = knn.evaluate(dino.teacher.backbone, args.data_path, args.global_size, run.device, (20,),
-                               batch_size=256, num_workers=run.workers, dtype=autocast_dtype(run.precision))
+                               batch_size=256, num_workers=run.workers, dtype=autocast_dtype(run.precision),
+                               shrink=run.shrink)
             row["knn_top1"], row["knn_top5"] = res[20]
         if run.rank == 0:
             state = checkpoint_state(dino, args, epoch + 1 if done else epoch, 0 if done else step)
@@ -345,7 +347,12 @@ def setup(args):
     else:
         transform = multicrop.DataAugmentationDINOSplit(*crop_args)
         augment, loader = transform.photometric, data.path_if_jpeg
-    dataset = data.build_dataset(args.data_path, "pretrain", transform, loader=loader)
+    # files far larger than these crops need (phone photos for 32 px crops) are decoded once, shrunk, and kept
+    # in memory (not in --reference_mode): every crop and the evaluation's resize still come from twice their pixels
+    shrink = None if args.reference_mode else data.shrink_side(
+        [(args.global_size, args.global_crops_scale[0]), (knn.eval_resize(args.global_size), None)] +
+        [(args.local_size, args.local_crops_scale[0])] * bool(args.local_crops_number))
+    dataset = data.build_dataset(args.data_path, "pretrain", transform, loader=loader, shrink=shrink)
     total_batch = args.batch_size_per_gpu * world
     if len(dataset) < total_batch:
         raise UsageError(f"the dataset has {len(dataset)} images, fewer than one batch of {total_batch} "
@@ -385,7 +392,7 @@ def setup(args):
     dino = DINO(student, teacher, loss_fn, optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
                 schedule, torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
                 args.clip_grad, args.freeze_last_layer)
-    run = Run(args, device, precision, use_compile, rank, world, loader, niter, workers, out, log_rows=[])
+    run = Run(args, device, precision, use_compile, rank, world, loader, niter, workers, out, shrink, log_rows=[])
 
     if resume:
         path, state = resume

@@ -1,6 +1,9 @@
 """The small real datasets are rebuilt identically, offline, as ImageFolders with train/ and val/."""
 import hashlib
 
+import numpy as np
+import pytest
+
 from conftest import load
 
 data = load("data")
@@ -29,3 +32,54 @@ def test_crops_of_real_photographs_are_rebuilt_identically(tmp_path):
         assert a == digest(tmp_path / name / "b") and len(a) == 5 * len(sources)
     assert len(data._photos()) == 11 and len(data._gray_surfaces()) == 7
     assert data.has_val(str(tmp_path / "photos" / "a")) and not data.has_val(str(tmp_path / "photos" / "a" / "train"))
+
+
+# ---------------------------------------------------------------------------- large files, small crops
+def test_every_crop_of_a_shrunk_image_keeps_twice_its_pixels():
+    import random
+    multicrop = load("01_multicrop")
+    views = [(32, 0.4), (16, 0.1)]  # the course preset's global and local crops
+    side = data.shrink_side(views + [(37, None)])
+    assert side == 117
+    rng = random.Random(0)
+    for W, H in ((side, side), (side * 4 // 3, side), (side, side * 16 // 9)):  # the shorter side at `side`
+        for size, smallest in views:
+            boxes = [multicrop.random_resized_crop_box(W, H, (smallest, 1.0), rng) for _ in range(2000)]
+            assert min(min(w, h) for _, _, w, h in boxes) >= 2 * size - 1  # rounding of the box
+
+
+def test_large_images_are_decoded_once_shrunk_and_crop_alike(tmp_path, capsys):
+    import skimage.data
+    from PIL import Image
+    photo = Image.fromarray(skimage.data.astronaut())  # 512 x 512, real detail
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                photo.rotate(90 * i).save(tmp_path / split / c / f"{i}.jpg", quality=95)
+    (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # 4th of class a
+    side = data.shrink_side([(32, 0.4), (37, None)])  # 117 < 512 / 2
+    ds = data.build_dataset(str(tmp_path), "train", shrink=side)
+    assert isinstance(ds.loader, data.ShrunkImages) and ds[0][0].size == (side, side)
+    assert capsys.readouterr().err.count("7 train images are far larger") == 1
+    with pytest.warns(UserWarning, match="broken.jpg"):  # a bad file is still skipped, with its name
+        assert ds[3][0].size == (side, side)
+    again = data.build_dataset(str(tmp_path), "train", shrink=side)  # the k-NN memory bank: kept, not decoded again
+    assert all(again.loader.images[p] is ds.loader.images[p] for p, _ in ds.samples)
+    assert "far larger" not in capsys.readouterr().err
+    small = data.build_dataset(str(tmp_path), "train", shrink=300)  # not over twice as large: read as before
+    assert small.loader is data.open_image
+
+    # the smallest global crop (40 % of the area), from the file and from the shrunk copy: the same to about a gray
+    # level; from a copy with fewer pixels than the crop's output, blurred
+    import torch
+    import torch.nn.functional as F
+    square = photo.crop((22, 22, 490, 490))  # 468 = 4 x 117 = 12 x 39 px: the box below falls on whole pixels
+    square.save(tmp_path / "square.jpg", quality=95)
+    def crop(img):  # x and y from 8/39 to 33/39 of the image: 300 px here, 75 px at 117, 25 px at 39
+        t = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float()
+        a, b = (round(f * t.shape[-1] / 39) for f in (8, 33))
+        return F.interpolate(t[..., a:b, a:b], (32, 32), mode="bicubic", antialias=True).clamp(0, 255)
+    reference = crop(data.open_image(tmp_path / "square.jpg"))
+    err = [(crop(data.open_image(tmp_path / "square.jpg", s)) - reference).abs().mean().item() for s in (side, 39)]
+    assert err[0] < 1.5 and err[1] > 3 * err[0], err

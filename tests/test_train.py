@@ -193,3 +193,20 @@ def test_a_step_budget_gives_small_and_large_datasets_the_same_number_of_steps(b
     assert args.warmup_epochs / args.epochs == pytest.approx(1 / 6, abs=0.03)  # warm-up keeps its share
     evaluated = [e for e in range(epochs) if (e + 1) % args.eval_every == 0 or e + 1 == epochs]
     assert len(evaluated) == 2 and evaluated[-1] == epochs - 1  # halfway (or just after) and at the end
+
+
+def test_large_files_are_decoded_once_for_training_and_its_evaluations(tmp_path, capsys):
+    import skimage.data
+    from PIL import Image
+    photo = Image.fromarray(skimage.data.astronaut())  # 512 px: far more than 16 px crops need
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("a", "b"):
+            (tmp_path / "photos" / split / c).mkdir(parents=True)
+            for i in range(n):
+                photo.rotate(90 * i + 180 * (c == "b")).save(tmp_path / "photos" / split / c / f"{i}.jpg")
+    assert run(TINY + ["--data_path", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "out"),
+                       "--eval_every", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("8 training images are far larger") == 1 and err.count("4 val images are far larger") == 1
+    assert "train images" not in err  # the k-NN memory bank is the training set, already in memory
+    assert all("knn_top1" in json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines())
