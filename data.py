@@ -134,7 +134,7 @@ class SafeImageFolder:
     """torchvision's ImageFolder, read with open_image (or `loader`); an unreadable file is skipped with one
     warning naming it (a few corrupt files in a million should not end a run of days)."""
 
-    def __new__(cls, root, transform=None, loader=None):
+    def __new__(cls, root, transform=None, loader=None, side=None):
         from torchvision.datasets import ImageFolder
 
         class _Safe(ImageFolder):
@@ -156,7 +156,7 @@ class SafeImageFolder:
             raise DataError(f"no images in {root} ({e}); expected ROOT/class_name/image.jpg") from None
         for path, _ in dataset.samples[:16]:  # unreadable data fails now, not later inside a loader worker
             try:
-                open_image(path)
+                open_image(path, side)  # `side`: a large JPEG is decoded at reduced size
                 return dataset
             except DataError as e:
                 last = e
@@ -267,7 +267,7 @@ def build_dataset(data_path, split, transform=None, download_dir=None, loader=No
         root = sub
     elif split == "val":
         raise DataError(f"{data_path} has no val/ folder; k-NN evaluation needs ROOT/train and ROOT/val")
-    dataset = SafeImageFolder(str(root), transform, loader)
+    dataset = SafeImageFolder(str(root), transform, loader, shrink)
     paths = [p for p, _ in dataset.samples]
     if shrink and large_images(paths, shrink):
         dataset.loader = ShrunkImages(paths, shrink, f"{'training' if split == 'pretrain' else split} images")

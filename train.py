@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -125,14 +126,21 @@ class Run:
     workers: int  # data-loading processes
     out: Path  # --output_dir
     shrink: int = None  # the shorter side (px) large images are shrunk to, once (data.ShrunkImages)
+    saved_at: float = -math.inf  # time.monotonic() of the last checkpoint written
     start_epoch: int = 0  # where a resumed run continues
     start_step: int = 0
     log_rows: list = None  # log.txt rows of the epochs already done
     resumed_from: Path = None
 
 
+SAVE_EVERY_S = 60  # epochs of a few seconds (small folders) are checkpointed about once a minute, not each time
+
+
 def fit(dino, run, stop):
-    """Epochs until --epochs, a checkpoint after each (and when stopped mid-epoch), k-NN every --eval_every."""
+    """Epochs until --epochs, a checkpoint after each (and when stopped mid-epoch), k-NN every --eval_every.
+    When epochs take seconds, writing the checkpoint (100 MB for the course preset's student, teacher and
+    optimizer state) and redrawing curves.png after each took more time than the steps: then only the first
+    epoch to end SAVE_EVERY_S after the last checkpoint writes one, and the last epoch; log.txt has every epoch."""
     args, out, epoch, step = run.args, run.out, run.start_epoch, run.start_step
     while epoch < args.epochs:
         run.loader.sampler.set_epoch(epoch)
@@ -149,12 +157,17 @@ def fit(dino, run, stop):
                                shrink=run.shrink)
             row["knn_top1"], row["knn_top5"] = res[20]
         if run.rank == 0:
-            state = checkpoint_state(dino, args, epoch + 1 if done else epoch, 0 if done else step)
-            ckpt.save_atomic(state, out / "checkpoint.pth")
-            if done and args.saveckp_freq and epoch % args.saveckp_freq == 0:  # named as the official ones
+            due = not done or epoch + 1 == args.epochs or time.monotonic() - run.saved_at >= SAVE_EVERY_S
+            named = done and args.saveckp_freq and epoch % args.saveckp_freq == 0  # named as the official ones
+            state = checkpoint_state(dino, args, epoch + 1 if done else epoch, 0 if done else step) \
+                if due or named else None
+            if due:
+                ckpt.save_atomic(state, out / "checkpoint.pth")
+                run.saved_at = time.monotonic()
+            if named:
                 ckpt.save_atomic(state, out / f"checkpoint{epoch:04d}.pth")  # 0000: after the first epoch
             if done:
-                log_epoch(row, epoch, run, dino.loss_fn)
+                log_epoch(row, epoch, run, dino.loss_fn, draw=due)
         if not done or stop.requested:  # stopped by a signal
             if run.rank == 0:
                 print(f"stopped at iteration {step}/{run.niter} of epoch {epoch}; saved {out / 'checkpoint.pth'}; "
@@ -217,13 +230,14 @@ def train_one_epoch(dino, run, epoch, start_step, stop):
     return row
 
 
-def log_epoch(row, epoch, run, loss_fn):
-    """A line of log.txt, curves.png redrawn, a line on the console, and plain words if it collapses."""
+def log_epoch(row, epoch, run, loss_fn, draw=True):
+    """A line of log.txt, curves.png redrawn (if `draw`), a line on the console, and plain words if it collapses."""
     row.update(epoch=epoch, out_dim=run.args.out_dim, teacher_temp=loss_fn.teacher_temp(epoch))
     run.log_rows.append(row)
     with open(run.out / "log.txt", "a") as f:
         f.write(json.dumps(row) + "\n")
-    monitor.plot_curves(run.log_rows, run.out / "curves.png")
+    if draw:
+        monitor.plot_curves(run.log_rows, run.out / "curves.png")
     knn_str = f", k-NN top-1 {row['knn_top1']:.1f}%" if "knn_top1" in row else ""
     print(f"epoch {epoch}: loss {row['loss']:.4f}, h(P_t) {row['entropy']:.3f}, KL {row['kl']:.3f}, "
           f"h(batch mean) {row['batch_entropy']:.2f}"
@@ -401,6 +415,10 @@ def setup(args):
         rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] \
             if log_file.exists() else []
         run.log_rows = [r for r in rows if r["epoch"] < run.start_epoch]
+        if len(run.log_rows) < len(rows) and rank == 0:  # epochs logged after the checkpoint are trained again
+            tmp = log_file.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in run.log_rows))
+            os.replace(tmp, log_file)
         run.resumed_from = path if run.start_epoch or run.start_step else None
     if use_compile:  # in place: state-dict keys stay the same; one graph per crop resolution
         for m in (student.backbone, student.head, teacher.backbone, teacher.head):

@@ -1,6 +1,7 @@
 """train.py end to end on tiny settings: the loop's rules, checkpoints, resume, bad input."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +211,33 @@ def test_large_files_are_decoded_once_for_training_and_its_evaluations(tmp_path,
     assert err.count("8 training images are far larger") == 1 and err.count("4 val images are far larger") == 1
     assert "train images" not in err  # the k-NN memory bank is the training set, already in memory
     assert all("knn_top1" in json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines())
+
+
+def test_short_epochs_checkpoint_about_once_a_minute_and_a_crash_loses_no_log_row(folder, tmp_path, monkeypatch):
+    saves, draws = [], []
+    save, plot = train.ckpt.save_atomic, train.monitor.plot_curves
+    def counted(state, path):
+        if Path(path).name == "checkpoint.pth":  # not the official checkpoint0000.pth, --saveckp_freq
+            saves.append(state["epoch"])
+        save(state, path)
+    monkeypatch.setattr(train.ckpt, "save_atomic", counted)
+    monkeypatch.setattr(train.monitor, "plot_curves", lambda rows, path: draws.append(len(rows)) or plot(rows, path))
+    monkeypatch.setattr(train, "SAVE_EVERY_S", 1e9)  # every epoch ends within the minute
+    out, argv = tmp_path / "o", TINY + ["--data_path", str(folder), "--epochs", "4"]
+    one_epoch = train.train_one_epoch
+    def power_cut(dino, run, epoch, *a):
+        if epoch == 2:
+            raise SystemExit("power cut")
+        return one_epoch(dino, run, epoch, *a)
+    with monkeypatch.context() as mp:
+        mp.setattr(train, "train_one_epoch", power_cut)
+        with pytest.raises(SystemExit):
+            run(argv + ["--output_dir", str(out)])
+    assert saves == [1] and draws == [1]  # the first epoch, then none within the minute: epoch 1 is only in log.txt
+    assert [json.loads(r)["epoch"] for r in (out / "log.txt").read_text().splitlines()] == [0, 1]
+    assert run(argv + ["--output_dir", str(out)]) == 0  # resumes after epoch 0: epoch 1 is trained and logged again
+    assert saves == [1, 2, 4] and draws == [1, 2, 4]  # a new process's first epoch, and the last epoch always
+    assert [json.loads(r)["epoch"] for r in (out / "log.txt").read_text().splitlines()] == [0, 1, 2, 3]
+    monkeypatch.setattr(train, "SAVE_EVERY_S", 0)
+    assert run(argv + ["--output_dir", str(tmp_path / "every")]) == 0
+    assert saves[3:] == [1, 2, 3, 4] and draws[3:] == [1, 2, 3, 4]  # epochs of a minute or more: after each
