@@ -176,15 +176,14 @@ def shrink_side(outputs):
 class ShrunkImages:
     """An ImageFolder's loader for images much larger than their crops need (phone photos for 32 px crops):
     each file is decoded once, shrunk to `side` (open_image), and kept in memory, instead of being decoded
-    again every epoch and every evaluation (a 12-megapixel JPEG costs about 30 ms even at 1/8 scale, more
-    than a training step's share of an image on a CPU). Decoded in parallel, one process per core; files
+    again every epoch and every evaluation (a 12-megapixel JPEG costs 15-35 ms even at 1/8 scale, four to
+    eight times a course step's share of an image on a CPU). Decoded in parallel, one process per core; files
     that fail are kept as their DataError and raised when read, so that SafeImageFolder skips them. The
     images are shared between the datasets of one process (the k-NN train split is the training set)."""
 
     _memory = {}  # (path, side) -> PIL image or DataError
 
     def __init__(self, paths, side, what="images"):
-        self.side = side
         todo = [p for p in paths if (p, side) not in self._memory]
         if todo:
             from concurrent.futures import ProcessPoolExecutor
