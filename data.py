@@ -130,14 +130,25 @@ def path_if_jpeg(path):
     return path if str(path).lower().endswith((".jpg", ".jpeg")) else open_image(path)
 
 
+_NOTED = set()  # folders whose left-out files were named already
+
+
 class SafeImageFolder:
     """torchvision's ImageFolder, read with open_image (or `loader`); an unreadable file is skipped with one
-    warning naming it (a few corrupt files in a million should not end a run of days)."""
+    warning naming it (a few corrupt files in a million should not end a run of days). With `flat`, a folder of
+    images without class folders is one unlabelled set (DINO needs no labels); files that are not images it
+    reads (an iPhone's .heic) are named once, by extension, as left out."""
 
-    def __new__(cls, root, transform=None, loader=None, side=None):
+    def __new__(cls, root, transform=None, loader=None, side=None, flat=False):
         from torchvision.datasets import ImageFolder
+        from torchvision.datasets.folder import IMG_EXTENSIONS
 
         class _Safe(ImageFolder):
+            def find_classes(self, directory):
+                if flat and not any(e.is_dir() for e in os.scandir(directory)):  # ROOT/image.jpg
+                    return [""], {"": 0}
+                return super().find_classes(directory)
+
             def __getitem__(self, i):
                 if i >= len(self):  # the end of a plain for loop; only the skipping below wraps around
                     raise IndexError(i)
@@ -150,10 +161,23 @@ class SafeImageFolder:
                 raise DataError(f"16 unreadable images in a row near index {i} in {root} (the last: {last}); "
                                 f"check the data")
 
+        others = {}  # extension -> files that ImageFolder leaves out
+        for _, _, files in os.walk(root, followlinks=True):
+            for f in files:
+                ext = os.path.splitext(f)[1].lower()
+                if not f.startswith(".") and ext not in IMG_EXTENSIONS:
+                    others[ext or "no extension"] = others.get(ext or "no extension", 0) + 1
+        left_out = ", ".join(f"{n} {ext}" for ext, n in sorted(others.items(), key=lambda kv: -kv[1]))
+        fix = "; convert the HEIC photos to JPEG to use them" if ".heic" in others or ".heif" in others else ""
         try:
             dataset = _Safe(root, transform=transform, loader=loader or open_image)
         except (FileNotFoundError, RuntimeError) as e:
-            raise DataError(f"no images in {root} ({e}); expected ROOT/class_name/image.jpg") from None
+            found = f"; the files there are not images it can read ({left_out}){fix}" if left_out else ""
+            raise DataError(f"no images in {root} ({e}); expected ROOT/class_name/image.jpg"
+                            f"{' or ROOT/image.jpg' if flat else ''}{found}") from None
+        if left_out and root not in _NOTED:
+            _NOTED.add(root)
+            print(f"note: files left out of {root} (not images it can read): {left_out}{fix}", file=sys.stderr)
         for path, _ in dataset.samples[:16]:  # unreadable data fails now, not later inside a loader worker
             try:
                 open_image(path, side)  # `side`: a large JPEG is decoded at reduced size
@@ -266,7 +290,7 @@ def build_dataset(data_path, split, transform=None, download_dir=None, loader=No
         root = sub
     elif split == "val":
         raise DataError(f"{data_path} has no val/ folder; k-NN evaluation needs ROOT/train and ROOT/val")
-    dataset = SafeImageFolder(str(root), transform, loader, shrink)
+    dataset = SafeImageFolder(str(root), transform, loader, shrink, flat=split == "pretrain")
     paths = [p for p, _ in dataset.samples]
     if shrink and large_images(paths, shrink):
         dataset.loader = ShrunkImages(paths, shrink, f"{'training' if split == 'pretrain' else split} images")

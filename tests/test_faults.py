@@ -16,6 +16,7 @@ from test_train import TINY
 train = load("train")
 ckpt = load("checkpoint")
 losses = load("04_loss")
+data = load("data")
 
 
 def cli(argv, capsys):
@@ -81,6 +82,23 @@ def test_empty_and_imageless_folders(tmp_path, capsys):
         code, err = cli(TINY + ["--data_path", str(tmp_path / d), "--output_dir", str(tmp_path / "o")], capsys)
         assert code == 2 and "no images in" in err and "Traceback" not in err
         assert not (tmp_path / "o").exists()  # bad input creates nothing, not even the output directory
+
+
+def test_a_folder_without_class_folders_trains_and_names_the_files_left_out(tmp_path, capsys):
+    photos, rng = tmp_path / "photos", np.random.RandomState(0)
+    photos.mkdir()
+    for i in range(8):  # images straight in the folder, as a camera or phone leaves them, and an iPhone's HEIC
+        data.draw_texture(rng, i % 2, 32).save(photos / f"IMG_{i}.png")
+    for name in ("IMG_8.HEIC", "IMG_9.heic", "notes.txt", ".DS_Store"):
+        (photos / name).write_bytes(b"\0")
+    code, err = cli(TINY + ["--data_path", str(photos), "--output_dir", str(tmp_path / "o"), "--epochs", "1"], capsys)
+    assert code == 0 and (tmp_path / "o" / "checkpoint.pth").exists()
+    assert "(not images it can read): 2 .heic, 1 .txt; convert the HEIC photos to JPEG" in err
+    for f in photos.glob("IMG_*.png"):
+        f.unlink()
+    code, err = cli(TINY + ["--data_path", str(photos), "--output_dir", str(tmp_path / "p")], capsys)
+    assert code == 2 and "no images in" in err and "(2 .heic, 1 .txt); convert the HEIC photos to JPEG" in err
+    assert "Traceback" not in err and not (tmp_path / "p").exists()
 
 
 def test_bad_resume_files(tmp_path, folder, capsys):
