@@ -147,6 +147,8 @@ class MultiCropGeometry:
         rng = random.Random(int(torch.randint(2 ** 62, ())))  # torch's generator seeds it: manual_seed fixes all
         opened = not isinstance(image, Image.Image)
         image = Image.open(image) if opened else image  # a file: only its header is read here
+        if opened and image.getexif().get(0x0112, 1) != 1:  # EXIF orientation: a photo stored sideways
+            image, opened = ImageOps.exif_transpose(image), False  # turned as data.open_image turns it
         W, H = image.size
         boxes = [random_resized_crop_box(W, H, scale, rng) for _, scale in self.views]
         # how much smaller the file can be decoded with every crop still keeping >= its output's pixels (an image

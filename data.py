@@ -24,12 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 BUILTIN = ("textures", "cifar10", "cifar100", "stl10")
 TEXTURES = ("hstripes", "vstripes", "checker", "dots", "rings", "grid", "diagonals", "blobs", "waves", "rays")
 PER_CLASS = {"train": 500, "val": 100}  # images of each pattern in the embedded splits
 CACHE = Path(os.environ.get("DINO_DATA", Path.home() / ".cache" / "dino-data"))
+
+
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 class DataError(Exception):
@@ -92,7 +95,8 @@ class TexturesDataset(torch.utils.data.Dataset):
 
 
 def open_image(path, side=None):
-    """An image file as 8-bit RGB, decoded now: a truncated or corrupt file fails here, as a DataError naming it.
+    """An image file as 8-bit RGB, decoded now, turned as its EXIF orientation says (as photo viewers show it): a
+    truncated or corrupt file fails here, as a DataError naming it.
     Deeper images keep their real values: 16-bit integers (PNG, TIFF) are divided by 257 (65535 -> 255);
     floats (TIFF) in [0, 1] are multiplied by 255, and floats outside [0, 1] are refused, since no one scaling
     of them is right for every image (PIL's own convert("RGB") clips both kinds to 0 or 255).
@@ -103,6 +107,8 @@ def open_image(path, side=None):
         if side and min(img.size) > side:  # a no-op for formats other than JPEG
             img.draft("RGB", tuple(math.ceil(n * side / min(img.size)) for n in img.size))
         img.load()  # closes the file
+        if img.getexif().get(ORIENTATION, 1) != 1:  # a phone's photo stored sideways: turned as it is shown
+            img = ImageOps.exif_transpose(img)
     except Exception as e:
         reason = (str(e).splitlines() or ["no message"])[0][:200]
         raise DataError(f"unreadable image {path} ({type(e).__name__}: {reason}); re-save or remove it") from None

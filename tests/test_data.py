@@ -83,3 +83,21 @@ def test_large_images_are_decoded_once_shrunk_and_crop_alike(tmp_path, capsys):
     reference = crop(data.open_image(tmp_path / "square.jpg"))
     err = [(crop(data.open_image(tmp_path / "square.jpg", s)) - reference).abs().mean().item() for s in (side, 39)]
     assert err[0] < 1.5 and err[1] > 3 * err[0], err
+
+
+def test_a_photo_stored_sideways_is_turned_as_viewers_show_it(tmp_path):
+    import torch
+    from PIL import Image
+    multicrop = load("01_multicrop")
+    upright = data.draw_texture(np.random.RandomState(0), 0, 64).crop((0, 0, 40, 64))  # portrait, 40 x 64
+    exif = Image.Exif()
+    exif[data.ORIENTATION] = 6  # stored turned a quarter to the left, as phones store portrait photos
+    upright.rotate(90, expand=True).save(tmp_path / "p.jpg", exif=exif, quality=95)
+    assert Image.open(tmp_path / "p.jpg").size == (64, 40)
+    img = data.open_image(tmp_path / "p.jpg")
+    assert img.size == (40, 64) and np.abs(np.asarray(img, float) - np.asarray(upright, float)).mean() < 3
+    geometry = multicrop.MultiCropGeometry(local_crops_number=2, global_size=16, local_size=8)
+    torch.manual_seed(0)
+    from_file = geometry(tmp_path / "p.jpg")  # the training path, which decodes JPEGs itself
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(from_file, geometry(img)))
