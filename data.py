@@ -13,6 +13,7 @@ Also here: the training loader (items seeded per (seed, epoch, image), batches f
 device) and MAKERS, datasets written to a folder offline: `python data.py --make jpegs DIR` builds an
 ImageNet-like folder of JPEGs for timing the input pipeline.
 """
+import functools
 import itertools
 import math
 import os
@@ -136,7 +137,7 @@ def path_if_jpeg(path):
     return path if str(path).lower().endswith((".jpg", ".jpeg")) else open_image(path)
 
 
-_NOTED = set()  # folders whose left-out files were named already
+_NOTED = set()  # what was said once per folder already
 
 
 class SafeImageFolder:
@@ -217,10 +218,9 @@ class ShrunkImages:
         todo = [p for p in paths if (p, side) not in self._memory]
         if todo:
             from concurrent.futures import ProcessPoolExecutor
-            from functools import partial
             from tqdm import tqdm
             with ProcessPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
-                done = pool.map(partial(_open_or_error, side=side), todo, chunksize=8)
+                done = pool.map(functools.partial(_open_or_error, side=side), todo, chunksize=8)
                 for p, img in zip(todo, tqdm(done, total=len(todo), desc=f"decoding {what}", leave=False)):
                     self._memory[(p, side)] = img
             mb = sum(3 * i.width * i.height for i in map(self._memory.get, ((p, side) for p in todo))
@@ -243,17 +243,23 @@ def _open_or_error(path, side):
         return e
 
 
-def large_images(paths, side, sample=32):
-    """Whether a folder's images are much larger than `side`: the median shorter side of up to `sample`
-    files, evenly spaced, read from their headers, is above twice it."""
-    shorter = []
+def shrunk_bytes(paths, side, sample=32):
+    """If a folder's images are much larger than `side` (the median shorter side of up to `sample` files,
+    evenly spaced, read from their headers, is above twice it): their mean size in memory once shrunk to
+    it, in bytes. Else None."""
+    sizes = []
     for p in paths[::max(1, len(paths) // sample)][:sample]:
         try:
             with Image.open(p) as img:
-                shorter.append(min(img.size))
+                sizes.append(img.size)
         except Exception:  # unreadable files are reported where they are read
             pass
-    return bool(shorter) and float(np.median(shorter)) > 2 * side
+    if not sizes or float(np.median([min(s) for s in sizes])) <= 2 * side:
+        return None
+    return float(np.mean([3 * w * h * min(1.0, side / min(w, h)) ** 2 for w, h in sizes]))
+
+
+KEEP_BYTES = 2 * 2 ** 30  # at most this much memory for shrunk images: 39,000 phone photos at 117 px
 
 
 def _torchvision(name, split, transform, download_dir):
@@ -281,8 +287,8 @@ def build_dataset(data_path, split, transform=None, download_dir=None, loader=No
     """split: 'pretrain' (what DINO trains on), 'train' or 'val' (the k-NN memory bank and queries).
     loader: what an ImageFolder hands the transform (an RGB PIL image by default, or path_if_jpeg); the
     built-in datasets always give PIL images. shrink: a side (shrink_side) below which nothing is lost;
-    when a folder's images are much larger (large_images), they are decoded once, shrunk to it, and kept
-    in memory (ShrunkImages)."""
+    when a folder's images are much larger (shrunk_bytes), they are decoded once, shrunk to it, and kept
+    in memory (ShrunkImages), up to KEEP_BYTES."""
     if data_path in BUILTIN:
         if data_path == "textures":
             return TexturesDataset("val" if split == "val" else "train", transform)
@@ -298,8 +304,18 @@ def build_dataset(data_path, split, transform=None, download_dir=None, loader=No
         raise DataError(f"{data_path} has no val/ folder; k-NN evaluation needs ROOT/train and ROOT/val")
     dataset = SafeImageFolder(str(root), transform, loader, shrink, flat=split == "pretrain")
     paths = [p for p, _ in dataset.samples]
-    if shrink and large_images(paths, shrink):
-        dataset.loader = ShrunkImages(paths, shrink, f"{'training' if split == 'pretrain' else split} images")
+    per_image = shrunk_bytes(paths, shrink) if shrink else None
+    what = f"{'training' if split == 'pretrain' else split} images"
+    if per_image and per_image * len(paths) <= KEEP_BYTES:
+        dataset.loader = ShrunkImages(paths, shrink, what)
+    elif per_image:  # too many to keep: each read decodes at reduced size (the training crops do so anyway)
+        if (root, "large") not in _NOTED:
+            _NOTED.add((root, "large"))
+            print(f"note: {len(paths)} {what} are far larger than needed at this resolution, and too many to keep "
+                  f"in memory once shrunk ({per_image * len(paths) / 2 ** 30:.1f} GiB): each read decodes them at "
+                  f"reduced size", file=sys.stderr)
+        if loader is None:
+            dataset.loader = functools.partial(open_image, side=shrink)
     return dataset
 
 

@@ -48,7 +48,7 @@ def test_every_crop_of_a_shrunk_image_keeps_twice_its_pixels():
             assert min(min(w, h) for _, _, w, h in boxes) >= 2 * size - 1  # rounding of the box
 
 
-def test_large_images_are_decoded_once_shrunk_and_crop_alike(tmp_path, capsys):
+def test_large_images_are_decoded_once_shrunk_and_crop_alike(tmp_path, capsys, monkeypatch):
     import skimage.data
     from PIL import Image
     photo = Image.fromarray(skimage.data.astronaut())  # 512 x 512, real detail
@@ -69,6 +69,10 @@ def test_large_images_are_decoded_once_shrunk_and_crop_alike(tmp_path, capsys):
     assert "far larger" not in capsys.readouterr().err
     small = data.build_dataset(str(tmp_path), "train", shrink=300)  # not over twice as large: read as before
     assert small.loader is data.open_image
+    monkeypatch.setattr(data, "KEEP_BYTES", 6 * 3 * 64 ** 2)  # room for 6 images of 64 x 64, and there are 7
+    many = data.build_dataset(str(tmp_path), "train", shrink=64)  # each read decodes at reduced size instead
+    assert many.loader.func is data.open_image and many[0][0].size == (64, 64)
+    assert capsys.readouterr().err.count("too many to keep in memory") == 1
 
     # the smallest global crop (40 % of the area), from the file and from the shrunk copy: the same to about a gray
     # level; from a copy with fewer pixels than the crop's output, blurred
