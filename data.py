@@ -232,7 +232,7 @@ class ShrunkImages:
     def __call__(self, path):
         img = self.images[path]
         if isinstance(img, DataError):
-            raise img
+            raise DataError(str(img))  # a new one each time: a raised exception keeps its traceback
         return img
 
 
