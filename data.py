@@ -168,23 +168,28 @@ class SafeImageFolder:
                 raise DataError(f"16 unreadable images in a row near index {i} in {root} (the last: {last}); "
                                 f"check the data")
 
-        others = {}  # extension -> files that ImageFolder leaves out
-        for _, _, files in os.walk(root, followlinks=True):
-            for f in files:
-                ext = os.path.splitext(f)[1].lower()
-                if not f.startswith(".") and ext not in IMG_EXTENSIONS:
-                    others[ext or "no extension"] = others.get(ext or "no extension", 0) + 1
-        left_out = ", ".join(f"{n} {ext}" for ext, n in sorted(others.items(), key=lambda kv: -kv[1]))
-        fix = "; convert the HEIC photos to JPEG to use them" if ".heic" in others or ".heif" in others else ""
+        def left_out():  # ("2 .heic, 1 .txt", "; convert ..."): the files that ImageFolder leaves out, by extension
+            others = {}
+            for _, _, files in os.walk(root, followlinks=True):
+                for f in files:
+                    ext = os.path.splitext(f)[1].lower() or "no extension"
+                    if not f.startswith(".") and ext not in IMG_EXTENSIONS:
+                        others[ext] = others.get(ext, 0) + 1
+            fix = "; convert the HEIC photos to JPEG to use them" if {".heic", ".heif"} & set(others) else ""
+            return ", ".join(f"{n} {ext}" for ext, n in sorted(others.items(), key=lambda kv: -kv[1])), fix
+
         try:
             dataset = _Safe(root, transform=transform, loader=loader or open_image)
         except (FileNotFoundError, RuntimeError) as e:
-            found = f"; the files there are not images it can read ({left_out}){fix}" if left_out else ""
+            found, fix = left_out()
+            found = f"; the files there are not images it can read ({found}){fix}" if found else ""
             raise DataError(f"no images in {root} ({e}); expected ROOT/class_name/image.jpg"
                             f"{' or ROOT/image.jpg' if flat else ''}{found}") from None
-        if left_out and root not in _NOTED:
+        if root not in _NOTED:  # once per folder: the k-NN evaluation builds its datasets again each time
             _NOTED.add(root)
-            print(f"note: files left out of {root} (not images it can read): {left_out}{fix}", file=sys.stderr)
+            found, fix = left_out()
+            if found:
+                print(f"note: files left out of {root} (not images it can read): {found}{fix}", file=sys.stderr)
         for path, _ in dataset.samples[:16]:  # unreadable data fails now, not later inside a loader worker
             try:
                 open_image(path, side)  # `side`: a large JPEG is decoded at reduced size
@@ -227,7 +232,7 @@ class ShrunkImages:
                      if isinstance(i, Image.Image)) / 2 ** 20
             print(f"note: {len(todo)} {what} are far larger than needed at this resolution: decoded once, shrunk "
                   f"to {side} px (shorter side) and kept in memory ({mb:.0f} MiB)", file=sys.stderr)
-        self.images = {p: self._memory[(p, side)] for p in paths}
+        self.images = {p: self._memory[(p, side)] for p in paths}  # its own: pickled to spawned workers
 
     def __call__(self, path):
         img = self.images[path]
