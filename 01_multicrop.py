@@ -332,7 +332,10 @@ if __name__ == "__main__":
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    image = Image.open(sys.argv[1]) if len(sys.argv) > 1 else sample_image()
+    try:
+        image = Image.open(sys.argv[1]) if len(sys.argv) > 1 else sample_image()
+    except OSError as e:  # missing, unreadable, or not an image
+        sys.exit(f"error: cannot read {sys.argv[1]} as an image ({e.__class__.__name__}); give the path of an image")
     torch.manual_seed(0)
     crops = DataAugmentationDINO()(image)
     titles = ["global 1 (blur)", "global 2 (solarize p=.2)"] + [f"local {i + 1}" for i in range(len(crops) - 2)]

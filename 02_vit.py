@@ -14,7 +14,8 @@ with strict=True.
 Departures:
 - Attention runs through F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU);
   the explicit softmax is computed only where the attention matrix is wanted
-  (get_last_selfattention). Same maths, same weights.
+  (get_last_selfattention), and where train.py sets `fused = False` (--reference_mode; bf16 on a
+  CPU, where it is faster). Same maths, same weights.
 - The patch embedding keeps the official convolution's weights but runs as a matrix product.
 - No classifier head and no dropout: DINO uses neither.
 

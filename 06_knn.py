@@ -156,7 +156,9 @@ def get_args_parser():
                    help="T in exp(s / T), as in Wu et al. 2018")
     p.add_argument("--batch_size_per_gpu", type=cli.positive_int, default=256)
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2)
-    p.add_argument("--output_dir", default=None, help="where knn.json goes; default: beside the checkpoint")
+    p.add_argument("--output_dir", default=None,
+                   help="where knn.json goes; default: beside --checkpoint, else the current directory "
+                        "(knn_random_init.json, knn_raw_pixels.json for the baselines)")
     return p
 
 

@@ -113,7 +113,7 @@ def get_args_parser():
                    help="an image file; default: a photograph shipped with matplotlib; 'textures:N' for image N "
                         "of the embedded dataset's val split")
     p.add_argument("--image_size", type=cli.positive_int, default=None,
-                   help="shorter side in pixels; default: the checkpoint's global crop size, else 480")
+                   help="shorter side in pixels; default: a train.py checkpoint's global crop size, else 480")
     p.add_argument("--threshold", type=cli.fraction, default=None,
                    help="also outline the smallest set of patches holding this share of each head's attention")
     p.add_argument("--output_dir", default="attention")
@@ -139,8 +139,8 @@ def prepare(args):
     """Everything that can be wrong with the input, found before any work: (model, image tensor, its name)."""
     cli.check_output_dir(args.output_dir)
     image, what = load_image(args.image)
-    model, size, _ = knn.build_backbone(args)  # size: --image_size, else the checkpoint's crop size, else 224
-    image_size = size if args.image_size or args.checkpoint else 480
+    model, _, _ = knn.build_backbone(args)  # sets --image_size from a train.py checkpoint's crop size, if it has one
+    image_size = args.image_size or 480
     h, w = resized_shape(image, image_size)
     grid = (h // args.patch_size, w // args.patch_size)
     if not 1 <= grid[0] * grid[1] <= knn.MAX_SIDE ** 2:

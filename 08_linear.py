@@ -150,7 +150,9 @@ def get_args_parser():
     p.add_argument("--data_path", default="textures",
                    help="ImageFolder with train/ and val/, or " + ", ".join(data.BUILTIN))
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2)
-    p.add_argument("--output_dir", default=None, help="where linear.json goes; default: beside the checkpoint")
+    p.add_argument("--output_dir", default=None,
+                   help="where linear.json goes; default: beside --checkpoint, else the current directory "
+                        "(linear_random_init.json, linear_raw_pixels.json for the baselines)")
     return p
 
 

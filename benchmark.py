@@ -67,9 +67,9 @@ def measure(train_step, dino, run):
                 for crops, _ in run.loader:  # finished crops, on the device
                     yield crops
         batches = from_loader()
-    warmup = 3
+    warmup, total = 3, len(dino.schedule.lr)  # iterations past the schedule's end reuse it from the start
     for i in range(warmup):  # compile, cudnn autotuning, allocator warm-up
-        loss, _ = train_step(dino, next(batches), i, epoch)
+        loss, _ = train_step(dino, next(batches), i % total, epoch)
     loss.item()
     sync()
     if device.type == "cuda":
@@ -79,7 +79,7 @@ def measure(train_step, dino, run):
         tw = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - tw
-        loss, _ = train_step(dino, batch, warmup + i, epoch)
+        loss, _ = train_step(dino, batch, (warmup + i) % total, epoch)
     loss.item()  # one sync at the end: the timed loop is what training does between log points
     sync()
     dt = time.perf_counter() - t0

@@ -542,10 +542,12 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     if cli.make:
         name, out = cli.make
-        if name not in MAKERS:
-            parser.error(f"unknown dataset {name}; choose from {', '.join(MAKERS)}")
-        if Path(out).exists() and any(Path(out).iterdir()):
-            parser.error(f"{out} is not empty; choose a new directory")
+        problem = (f"unknown dataset {name}; choose from {', '.join(MAKERS)}" if name not in MAKERS else
+                   f"{out} exists and is not an empty directory; choose a new directory"
+                   if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())) else None)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
         MAKERS[name](out)
         n = {split: sum(1 for _ in (Path(out) / split).rglob("*.*")) for split in ("train", "val")}
         print(f"{name}: {n['train']} training and {n['val']} validation images in {out}")

@@ -1,5 +1,5 @@
 """What a training run tells its user: the teacher's entropy and KL in plain words (the two collapses
-of paper Sec. 5.3) and curves.png, redrawn from log.txt's rows after every epoch."""
+of paper Sec. 5.3) and curves.png, redrawn from log.txt's rows with every checkpoint."""
 import math
 import os
 from pathlib import Path

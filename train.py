@@ -1,7 +1,7 @@
 """DINO training: the numbered concepts composed into the loop of the paper's Algorithm 1 and the
 official main_dino.py, on one CPU, one GPU, or many through torchrun.
 
-    python train.py --arch vit_small --patch 8                    # the paper's recipe on ImageNet-style data
+    python train.py --arch vit_small --patch 8 --data_path DIR    # the paper's recipe on an ImageNet-style folder
     python train.py --preset cpu_course                           # a small ViT on the embedded textures, 2-core CPU
     torchrun --nproc_per_node=8 train.py --data_path /imagenet    # data-parallel
 
@@ -157,7 +157,8 @@ def fit(dino, run, stop):
                                shrink=run.shrink)
             row["knn_top1"], row["knn_top5"] = res[20]
         if run.rank == 0:
-            due = not done or epoch + 1 == args.epochs or time.monotonic() - run.saved_at >= SAVE_EVERY_S
+            due = not done or stop.requested or epoch + 1 == args.epochs \
+                or time.monotonic() - run.saved_at >= SAVE_EVERY_S
             named = done and args.saveckp_freq and epoch % args.saveckp_freq == 0  # named as the official ones
             state = checkpoint_state(dino, args, epoch + 1 if done else epoch, 0 if done else step) \
                 if due or named else None
@@ -261,9 +262,11 @@ def checkpoint_state(dino, args, epoch, step):
 RESUME_FLAGS = ("arch", "patch_size", "global_size", "out_dim", "use_bn_in_head", "norm_last_layer", "optimizer")
 
 
-def read_checkpoint(path, args):
+def read_checkpoint(path, args, same_data=False):
     """A checkpoint_state from `path`, checked against this run's flags before anything is written: the same
-    RESUME_FLAGS, and when it stopped mid-epoch the same batch size (its step counts batches of that size)."""
+    RESUME_FLAGS, and when it stopped mid-epoch the same batch size (its step counts batches of that size).
+    With `same_data` (found in --output_dir, not named by --resume) also the same --data_path: a course run on
+    another folder with the same preset must not quietly continue the last one."""
     state = ckpt.load_file(path)
     if not isinstance(state, dict) or not {"student", "teacher", "optimizer", "dino_loss", "epoch"} <= set(state) \
             or not all(isinstance(state.get(k, 0), int) and state.get(k, 0) >= 0 for k in ("epoch", "step")):
@@ -277,6 +280,11 @@ def read_checkpoint(path, args):
             raise UsageError(f"{path} was trained with --{name} {saved[name]}{why}, this run has "
                              f"{getattr(args, name)}; resume with the same flags, or start afresh with --resume none "
                              f"or a new --output_dir")
+    where = lambda d: os.path.realpath(d) if os.path.isdir(d) else d  # a folder, or a built-in dataset's name
+    other = "data_path" in saved and where(saved["data_path"]) != where(args.data_path)
+    if same_data and other and (os.path.isdir(args.data_path) or args.data_path in data.BUILTIN):  # else: named later
+        raise UsageError(f"{path} was trained on --data_path {saved['data_path']}, this run reads {args.data_path}; "
+                         f"give this run its own --output_dir (or, to continue that run on this data, --resume {path})")
     return state
 
 
@@ -411,6 +419,10 @@ def setup(args):
     if resume:
         path, state = resume
         run.start_epoch, run.start_step = load_checkpoint(state, path, dino)
+        if run.start_step >= niter:  # stopped mid-epoch, with epochs of another length (--steps or the data)
+            raise UsageError(f"{path} stopped at iteration {run.start_step} of an epoch, and this run's epochs have "
+                             f"{niter}; resume with the flags it was made with, or start afresh with --resume none "
+                             f"or a new --output_dir")
         log_file = out / "log.txt"
         rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] \
             if log_file.exists() else []
@@ -438,7 +450,7 @@ def setup(args):
 # k-NN 60.8 % after 3 epochs against 82.1 %) and momentum 0.99. BatchNorm in the head (an official option, off for
 # ViTs): the CLS features of a freshly initialised ViT point alike (mean pairwise cosine 0.62 on textures, still
 # 0.61 after the head, 0.18 with BatchNorm); without it the teacher's output stayed near uniform and k-NN reached
-# 48.7 % against 87.0 % (44.2 % at random init). A budget of 1440 steps, not epochs (--steps): a folder of 1,400
+# 48.7 % against 87.0 % (44.2 % at random init). A budget of 1440 steps, not epochs (--steps): a folder of 1,438
 # images gets as many updates as one of 5,000 (65 epochs instead of 18) and a folder of 50,000 stops in time (6
 # epochs of 240 steps). Steps are what small folders need most: on digits 480 / 960 / 1440 steps gave 62.4 / 75.5 /
 # 83.0 % k-NN (54.6 % at random init). That leaves no room for a 10-epoch lr warm-up or a frozen last layer, so:
@@ -470,7 +482,8 @@ def get_args_parser():
                    help="unit-norm prototypes: more stable; False improves ViT-S but can diverge")
     g.add_argument("--momentum_teacher", type=cmdline.probability, default=0.996,
                    help="m_0, cosine to 1 over training; raise it (0.9995) for small batches (256)")
-    g.add_argument("--use_bn_in_head", type=cmdline.bool_flag, default=False, help="BatchNorm in the head (ResNets)")
+    g.add_argument("--use_bn_in_head", type=cmdline.bool_flag, default=False,
+                   help="BatchNorm in the head: official default for ResNets; the course preset's small ViT needs it")
     g.add_argument("--drop_path_rate", type=cmdline.below_one, default=0.1, help="stochastic depth, student only")
     g = p.add_argument_group("temperatures")
     g.add_argument("--warmup_teacher_temp", type=cmdline.positive_float, default=0.04,
@@ -533,8 +546,9 @@ def get_args_parser():
     g.add_argument("--benchmark_data", type=cmdline.nonneg_int, default=0, metavar="N",
                    help="time N training steps with the real data loader and exit")
     g.add_argument("--reference_mode", action="store_true",
-                   help="the official recipe for comparison: fp16 + GradScaler, eager, explicit attention, "
-                        "convolutional patch embedding, the whole multi-crop per image in PIL")
+                   help="the official recipe for comparison (overrides --precision and --compile): fp16 + GradScaler "
+                        "on CUDA (fp32 on CPU), eager, explicit attention, convolutional patch embedding, the "
+                        "whole multi-crop per image in PIL")
     return p
 
 
@@ -553,9 +567,10 @@ def check_args(args):
         if getattr(args, name) % args.patch_size:
             raise UsageError(f"--patch_size {args.patch_size} does not divide --{name} {getattr(args, name)}; "
                              f"choose crop sizes that are multiples of the patch size")
-    if args.global_size // args.patch_size > knn.MAX_SIDE:
-        raise UsageError(f"--global_size {args.global_size} is {args.global_size // args.patch_size} patches of "
-                         f"{args.patch_size} px per side, more than {knn.MAX_SIDE}; lower it or raise --patch_size")
+        if getattr(args, name) // args.patch_size > knn.MAX_SIDE:
+            raise UsageError(f"--{name} {getattr(args, name)} is {getattr(args, name) // args.patch_size} patches "
+                             f"of {args.patch_size} px per side, more than {knn.MAX_SIDE}; lower it or raise "
+                             f"--patch_size")
     if args.warmup_epochs > args.epochs or args.warmup_teacher_temp_epochs > args.epochs:
         raise UsageError(f"--warmup_epochs ({args.warmup_epochs}) and --warmup_teacher_temp_epochs "
                          f"({args.warmup_teacher_temp_epochs}) cannot exceed --epochs ({args.epochs}); lower them")
@@ -566,7 +581,7 @@ def check_args(args):
     if args.resume == "none" or (args.resume == "auto" and not checkpoint.exists()):
         return None
     path = checkpoint if args.resume == "auto" else Path(args.resume)
-    return path, read_checkpoint(path, args)
+    return path, read_checkpoint(path, args, same_data=args.resume == "auto")
 
 
 # ---------------------------------------------------------------------------- main
@@ -581,6 +596,9 @@ def main(args):
         ckpt.save_json(vars(args), run.out / "config.json")
         if run.resumed_from:
             print(f"resumed from {run.resumed_from} at epoch {run.start_epoch}, iteration {run.start_step}")
+        if run.start_epoch >= args.epochs:
+            print(f"nothing to train: {run.resumed_from} has all {args.epochs} epochs; raise --epochs to train on, "
+                  f"or give a new run its own --output_dir")
     stop = runtime.Stop()
     handlers = {sig: signal.signal(sig, stop) for sig in data.STOP_SIGNALS}
     try:

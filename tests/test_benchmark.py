@@ -38,6 +38,12 @@ def test_benchmark_prints_a_plausible_line():
     assert share and abs(float(share[2]) - 100 * float(share[1]) / ms) < 0.2, r.stdout
 
 
+def test_more_steps_than_the_run_has(folder, capsys):
+    from test_train import TINY  # 2 epochs of 3 iterations: the 3 warm-up and 5 timed steps reuse the schedule
+    assert train.main(train.parse_args(TINY + ["--data_path", str(folder), "--benchmark", "5"])) == 0
+    assert LINE.fullmatch(capsys.readouterr().out.strip().splitlines()[-1])  # once: IndexError
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """The ImageNet-like JPEG folder, built by the command line the README gives."""

@@ -46,6 +46,7 @@ HOW_TO_PROCEED = "resume with the same flags, or start afresh with --resume none
     (["--patch_size", "5"], "does not divide --global_size 16"),
     (["--local_crops_number", "-1"], "--local_crops_number: expected an integer >= 0, got '-1'"),
     (["--batch_size_per_gpu", "64"], "fewer than one batch of 64"),
+    (["--local_size", "1032"], "--local_size 1032 is 129 patches of 8 px per side, more than 128"),
     (["--data_path", "/nonexistent/images"], "neither a directory nor a built-in dataset"),
     # resuming with other flags: the network, the head, the optimizer
     (["--out_dim", "64"], f"was trained with --out_dim 32, this run has 64; {HOW_TO_PROCEED}"),
@@ -72,6 +73,38 @@ def test_a_mid_epoch_checkpoint_resumes_only_with_its_batch_size(folder, trained
                         f"{HOW_TO_PROCEED}")
     assert [p.name for p in (tmp_path / "o").iterdir()] == ["checkpoint.pth"]
     assert (tmp_path / "o" / "checkpoint.pth").read_bytes() == before
+
+
+def test_a_run_on_other_data_starts_afresh_instead_of_continuing_the_last_one(folder, trained, tmp_path, capsys):
+    import shutil
+    other = shutil.copytree(folder, tmp_path / "other")  # the same images at another path: another folder to a user
+    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    argv = TINY + ["--data_path", str(other), "--epochs", "1", "--warmup_epochs", "0"]
+    code, err = cli(argv + ["--output_dir", str(trained)], capsys)
+    one_line(code, err, f"{trained / 'checkpoint.pth'} was trained on --data_path {folder}, this run reads {other}; "
+                        f"give this run its own --output_dir (or, to continue that run on this data, --resume ")
+    assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+    # named with --resume, it continues on the new path: here it has all its epochs, and says so
+    assert train.cli(argv + ["--output_dir", str(tmp_path / "o"), "--resume", str(trained / "checkpoint.pth")]) == 0
+    assert "nothing to train: " in capsys.readouterr().out
+
+
+def test_a_mid_epoch_checkpoint_from_longer_epochs_is_refused(folder, trained, tmp_path, capsys):
+    state = torch.load(trained / "checkpoint.pth", weights_only=True)
+    state["epoch"], state["step"] = 0, 5  # stopped at iteration 5 of an epoch; here an epoch has 3
+    (tmp_path / "o").mkdir()
+    torch.save(state, tmp_path / "o" / "checkpoint.pth")
+    code, err = cli(TINY + ["--data_path", str(folder), "--output_dir", str(tmp_path / "o")], capsys)
+    one_line(code, err, f"stopped at iteration 5 of an epoch, and this run's epochs have 3; resume with the flags")
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["checkpoint.pth"]  # once: UnboundLocalError
+
+
+def test_the_demo_scripts_name_a_bad_path(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    for script, argv, says in [("data.py", ["--make", "photos", str(tmp_path / "file")], "is not an empty directory"),
+                               ("01_multicrop.py", [str(tmp_path / "missing.jpg")], "cannot read")]:
+        r = subprocess.run([sys.executable, script] + argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and len(r.stderr.splitlines()) == 1 and says in r.stderr, r.stderr
 
 
 def test_empty_and_imageless_folders(tmp_path, capsys):

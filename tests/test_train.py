@@ -241,3 +241,7 @@ def test_short_epochs_checkpoint_about_once_a_minute_and_a_crash_loses_no_log_ro
     monkeypatch.setattr(train, "SAVE_EVERY_S", 0)
     assert run(argv + ["--output_dir", str(tmp_path / "every")]) == 0
     assert saves[3:] == [1, 2, 3, 4] and draws[3:] == [1, 2, 3, 4]  # epochs of a minute or more: after each
+    monkeypatch.setattr(train, "SAVE_EVERY_S", 1e9)
+    stop_after(monkeypatch, 6)  # Ctrl-C in the last step of the second epoch, within the minute: saved all the same
+    assert run(argv + ["--output_dir", str(tmp_path / "stop")]) == 0
+    assert saves[7:] == [1, 2] and torch.load(tmp_path / "stop" / "checkpoint.pth", weights_only=True)["epoch"] == 2
