@@ -51,15 +51,25 @@ def test_knn_votes_are_weighted_by_exp_sim_over_T():
     # T = 0.07: exp(0.9/T) = 3.8e5 vs 2 exp(0.8/T) = 1.9e5 -> class 0; T = 1: e^0.9 < 2 e^0.8 -> class 1
     assert knn.knn_classifier(train_f, train_l, q, torch.tensor([0]), k=3, T=0.07)[0] == 100.0
     assert knn.knn_classifier(train_f, train_l, q, torch.tensor([1]), k=3, T=1.0)[0] == 100.0
+    # top-5 holds the runner-up: with 7 classes, class 1 is second at T = 0.07 (top-1 wrong, top-5 right)
+    assert knn.knn_classifier(train_f, train_l, q, torch.tensor([1]), k=3, T=0.07, num_classes=7) == (0.0, 100.0)
 
 
 @pytest.mark.parametrize("patch,hw", [(16, (64, 80)), (8, (40, 40)), (4, (30, 22))])
 def test_attention_maps_shape_and_sum(patch, hw):
     torch.manual_seed(0)
     model = vits.VisionTransformer(img_size=32, patch_size=patch, embed_dim=24, depth=2, num_heads=3)
-    maps = att.attention_maps(model, torch.randn(3, *hw), patch)
+    img = torch.randn(3, *hw)
+    maps = att.attention_maps(model, img, patch)
     assert maps.shape == (3, hw[0] // patch, hw[1] // patch)
-    assert torch.allclose(maps.flatten(1).sum(1), torch.ones(3), atol=1e-5)
+    # the CLS row of the last block's softmax, its CLS-to-CLS share removed, written out here from q and k
+    h, w = hw[0] - hw[0] % patch, hw[1] - hw[1] % patch
+    x = model.prepare_tokens(img[None, :, :h, :w])
+    for blk in model.blocks[:-1]:
+        x = blk(x)
+    q, k, _ = model.blocks[-1].attn.qkv(model.blocks[-1].norm1(x)).reshape(1, -1, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    a = ((q @ k.transpose(-2, -1)) * 8 ** -0.5).softmax(-1)[0, :, 0]  # (heads, N)
+    assert torch.allclose(maps.flatten(1), a[:, 1:] / (1 - a[:, :1]), atol=1e-5)
 
 
 def test_threshold_mask_is_the_smallest_set_holding_the_mass():

