@@ -100,3 +100,17 @@ def test_analytic_flops_match_torch_flop_counter():
         expected = benchmark.vit_forward_flops(backbone, head, 3, size)
         # the counter counts matmuls, attention and the patch projection; elementwise ops are not model FLOPs
         assert abs(counter.get_total_flops() - expected) / expected < 0.01, (size, counter.get_total_flops(), expected)
+
+
+def test_step_flops_match_a_counted_training_step(folder, tmp_path):
+    """The step's count (3 x the student's forward, for forward and backward, + the teacher's) against a real step."""
+    from test_train import TINY  # vit_nano/8, 16 + 8 px crops, batch 4
+    dino, run = train.setup(train.parse_args(TINY + ["--data_path", str(folder), "--output_dir", str(tmp_path)]))
+    for m in list(dino.student.modules()) + list(dino.teacher.modules()):
+        if isinstance(m, vits.Attention):
+            m.fused = False  # the explicit attention: its two matmuls are visible to the counter
+    crops = [torch.randn(4, 3, 16, 16)] * 2 + [torch.randn(4, 3, 8, 8)] * 2
+    with FlopCounterMode(display=False) as counter:
+        train.train_step(dino, crops, run.niter, 1)
+    expected = benchmark.step_flops(dino.student, 4, 16, 8, 2)
+    assert abs(counter.get_total_flops() - expected) / expected < 0.01, (counter.get_total_flops(), expected)  # 0.2 %
