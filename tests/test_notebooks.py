@@ -39,6 +39,7 @@ def test_collapse_ablations_show_the_papers_finding():
     assert abs(r["centering only"]["entropy"] - log_k) <= 0.1 * log_k  # uniform collapse
     assert r["sharpening only"]["entropy"] < 0.1 * log_k  # one dimension dominates
     assert r["full DINO"]["kl"] > r["centering only"]["kl"] and r["full DINO"]["kl"] > r["sharpening only"]["kl"]
+    assert all(r["full DINO"]["knn"] > v["knn"] for n, v in r.items() if n != "full DINO"), r  # the best features
 
 
 def test_attention_notebook_draws_fig1_from_the_hub_cache(tmp_path, monkeypatch):
