@@ -542,10 +542,12 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     if cli.make:
         name, out = cli.make
-        problem = (f"unknown dataset {name}; choose from {', '.join(MAKERS)}" if name not in MAKERS else
-                   f"{out} exists and is not an empty directory; choose a new directory"
-                   if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())) else None)
-        if problem:
+        problem = None
+        if name not in MAKERS:
+            problem = f"unknown dataset {name}; choose from {', '.join(MAKERS)}"
+        elif Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+            problem = f"{out} exists and is not an empty directory; choose a new directory"
+        if problem:  # one line and exit code 2, as the other command lines
             print(f"error: {problem}", file=sys.stderr)
             raise SystemExit(2)
         MAKERS[name](out)
