@@ -16,8 +16,8 @@ batch 128 per GPU. The features get no normalisation beyond the backbone's own f
 
 Departures:
 - `--precomputed`, for CPUs: the training images' features are extracted once, without
-  augmentation (the validation transform), and the linear layer trains on them in memory. Seconds
-  instead of 100 passes of the backbone; without augmentation the classifier overfits more easily.
+  augmentation (the validation transform), and the linear layer trains on them in memory: one pass
+  of the backbone instead of 100; without augmentation the classifier overfits more easily.
 - The number reported is the accuracy after the last epoch; the official script validates after
   every epoch and reports the best, a choice made on the validation set itself.
 - The mean patch token is appended after the CLS tokens; the official code interleaves the two,
@@ -179,7 +179,7 @@ def main(args):
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    if device.type == "cpu":  # as train.py: the loader's workers need cores too (on 2 cores, 4x faster here)
+    if device.type == "cpu":  # as train.py: the loader's workers need cores too
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - args.num_workers)))
     backbone, image_size, out_dir, train_set, val_set, val_to_train = prepare(args)
     backbone.to(device).eval().requires_grad_(False)

@@ -5,7 +5,7 @@ ten pattern classes (stripes, checkers, dots, rings, ...) drawn in gray levels a
 phase, slight tilt, brightness and contrast, with pixel noise. Every crop of an image, global or
 local, shows its class, and what changes between images of a class is what DINO's augmentations
 teach a network to ignore: scale and position (resized crops), brightness and contrast (colour
-jitter). Its limits: raw pixels classify it well (a k-NN on them reaches 81 %), and a ViT needs
+jitter). Its limits: a k-NN on the raw pixels already classifies it well, and a ViT needs
 colour variation within that of colour jitter: with fully random colours, the short runs of the
 course learned colour instead of pattern.
 
@@ -212,8 +212,8 @@ def shrink_side(outputs):
 class ShrunkImages:
     """An ImageFolder's loader for images much larger than their crops need (phone photos for 32 px crops):
     each file is decoded once, shrunk to `side` (open_image), and kept in memory, instead of being decoded
-    again every epoch and every evaluation (a 12-megapixel JPEG costs 15-35 ms even at 1/8 scale, four to
-    eight times a course step's share of an image on a CPU). Decoded in parallel, one process per core; files
+    again every epoch and every evaluation (a large JPEG costs more to decode, even at 1/8 scale, than a course
+    step spends on an image). Decoded in parallel, one process per core; files
     that fail are kept as their DataError and raised when read, so that SafeImageFolder skips them. The
     images are shared between the datasets of one process (the k-NN train split is the training set)."""
 

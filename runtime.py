@@ -36,8 +36,8 @@ def pick_device(local_rank):
 
 def auto_precision(device):
     """bf16 autocast where the hardware multiplies bf16 natively: CUDA GPUs, and CPUs with AMX tile units
-    (Intel Xeon since Sapphire Rapids), where a bf16 matrix product runs ~10x faster than fp32 (measured on
-    2 cores: 1.7-2.3 against 0.15-0.32 TFLOP/s). Elsewhere bf16 is emulated and slower: fp32."""
+    (Intel Xeon since Sapphire Rapids), where a bf16 matrix product is much faster than fp32. Elsewhere bf16
+    is emulated and slower: fp32."""
     if device.type == "cuda":
         return "bf16"
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private in PyTorch: absent means no

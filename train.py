@@ -138,9 +138,9 @@ SAVE_EVERY_S = 60  # epochs of a few seconds (small folders) are checkpointed ab
 
 def fit(dino, run, stop):
     """Epochs until --epochs, a checkpoint after each (and when stopped mid-epoch), k-NN every --eval_every.
-    When epochs take seconds, writing the checkpoint (100 MB for the course preset's student, teacher and
-    optimizer state) and redrawing curves.png after each took more time than the steps: then only the first
-    epoch to end SAVE_EVERY_S after the last checkpoint writes one, and the last epoch; log.txt has every epoch."""
+    When epochs take seconds, writing the checkpoint (student, teacher and optimizer state) and redrawing
+    curves.png after each would take more time than the steps: then only the first epoch to end SAVE_EVERY_S
+    after the last checkpoint writes one, and the last epoch; log.txt has every epoch."""
     args, out, epoch, step = run.args, run.out, run.start_epoch, run.start_step
     while epoch < args.epochs:
         run.loader.sampler.set_epoch(epoch)
@@ -400,7 +400,7 @@ def setup(args):
         if args.reference_mode and isinstance(m, (vits.Attention, vits.PatchEmbed)):
             m.fused = False  # the official computations
         if device.type == "cpu" and precision != "fp32" and isinstance(m, vits.Attention):
-            m.fused = False  # PyTorch's CPU flash-attention backward is ~9x slower in bf16 than the explicit softmax
+            m.fused = False  # PyTorch's CPU flash-attention backward is slower in bf16 than the explicit softmax
     loss_fn = losses.DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp,
                               args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(device)
     opt_kw = {"fused": True} if device.type in ("cuda", "cpu") else {}  # one kernel for all parameters
@@ -443,27 +443,33 @@ def setup(args):
 
 
 # ---------------------------------------------------------------------------- arguments
-# A small recipe for a 2-core CPU (5-6 minutes with its k-NN evaluations in bf16 on a CPU with AMX, about 10 in fp32
-# elsewhere: 10 min 31 s on digits): patch 8 on 32 px crops (4 x 4 patches) and 2 local crops keep a step cheap;
-# batch 64 gives more steps in the time; K = 256 prototypes (about 20 images per prototype on 5000 images, as 65536
-# on ImageNet); a low teacher temperature (0.02: at 0.04 the teacher drifted to uniform, h(P_t) 5.2 of log K = 5.55,
-# k-NN 60.8 % after 3 epochs against 82.1 %) and momentum 0.99. BatchNorm in the head (an official option, off for
-# ViTs): the CLS features of a freshly initialised ViT point alike (mean pairwise cosine 0.62 on textures, still
-# 0.61 after the head, 0.18 with BatchNorm); without it the teacher's output stayed near uniform and k-NN reached
-# 48.7 % against 87.0 % (44.2 % at random init). A budget of 1440 steps, not epochs (--steps): a folder of 1,438
-# images gets as many updates as one of 5,000 (65 epochs instead of 18) and a folder of 50,000 stops in time (6
-# epochs of 240 steps). Steps are what small folders need most: on digits 480 / 960 / 1440 steps gave 62.4 / 75.5 /
-# 83.0 % k-NN (54.6 % at random init). That leaves no room for a 10-epoch lr warm-up or a frozen last layer, so:
-# warm-up over the first sixth of the run to lr 2e-3, no freezing, no stochastic depth in a 6-block ViT, and local
-# crops of at least 10 % of the image (5 % of 32 x 32 px is a 7 px patch). Explicit flags still override it.
+# A small recipe for a 2-core CPU; explicit flags still override it. The measurements behind each choice are in
+# docs/from-code.md.
 PRESETS = {
-    "cpu_course": dict(arch="vit_nano", patch_size=8, data_path="textures", global_size=32, local_size=16,
-                       local_crops_number=2, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
-                       out_dim=256, use_bn_in_head=True, batch_size_per_gpu=64, epochs=6, steps=1440,
-                       warmup_epochs=1, lr=2e-3, min_lr=1e-5,
-                       momentum_teacher=0.99, warmup_teacher_temp=0.02, teacher_temp=0.02,
-                       warmup_teacher_temp_epochs=0, freeze_last_layer=0, drop_path_rate=0.0, num_workers=1,
-                       eval_every=3, saveckp_freq=0, output_dir="runs/cpu_course"),
+    "cpu_course": {
+        "data_path": "textures",
+        "arch": "vit_nano", "patch_size": 8,  # 32 px crops of 4 x 4 patches: a cheap step
+        "global_size": 32, "local_size": 16,
+        "local_crops_number": 2,  # two local crops, not eight: a cheaper step
+        "global_crops_scale": (0.4, 1.0),
+        "local_crops_scale": (0.1, 0.4),  # at least 10 %: 5 % of 32 x 32 px is a 7 px patch
+        "out_dim": 256,  # K: a few thousand images need few prototypes (about 20 images each, as 65536 on ImageNet)
+        "use_bn_in_head": True,  # an official option, off for ViTs: a fresh ViT's CLS features point alike
+        "batch_size_per_gpu": 64,  # more steps in the time
+        "epochs": 6,
+        "steps": 1440,  # a budget of steps, not epochs: a small folder gets as many updates as a large one
+        "warmup_epochs": 1,  # the first sixth of the run: no room for a 10-epoch warm-up
+        "lr": 2e-3, "min_lr": 1e-5,
+        "momentum_teacher": 0.99,  # a short run: the teacher must follow the student sooner
+        "warmup_teacher_temp": 0.02, "teacher_temp": 0.02,  # a sharper teacher: at 0.04 it drifted to uniform
+        "warmup_teacher_temp_epochs": 0,
+        "freeze_last_layer": 0,  # no room for frozen prototypes in a short run
+        "drop_path_rate": 0.0,  # no stochastic depth in a 6-block ViT
+        "num_workers": 1,
+        "eval_every": 3,  # halfway and at the end
+        "saveckp_freq": 0,
+        "output_dir": "runs/cpu_course",
+    },
 }
 
 
