@@ -148,7 +148,7 @@ class MultiCropGeometry:
         opened = not isinstance(image, Image.Image)
         image = Image.open(image) if opened else image  # a file: only its header is read here
         if opened and image.getexif().get(0x0112, 1) != 1:  # EXIF orientation: a photo stored sideways
-            image, opened = ImageOps.exif_transpose(image), False  # turned as data.open_image turns it
+            image, opened = ImageOps.exif_transpose(image), False  # turned as images.open_image turns it
         W, H = image.size
         boxes = [random_resized_crop_box(W, H, scale, rng) for _, scale in self.views]
         # how much smaller the file can be decoded with every crop still keeping >= its output's pixels (an image

@@ -33,6 +33,8 @@ from torchvision import transforms
 import checkpoint as ckpt
 import cli
 import data
+import images
+import runtime
 
 vits = importlib.import_module("02_vit")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -64,7 +66,7 @@ def extract_features(model, dataset, device, batch_size=256, num_workers=0, dtyp
     n = len(dataset)
     subset = torch.utils.data.Subset(dataset, range(rank, n, world))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda", worker_init_fn=data.ignore_stop_signals)
+                                         pin_memory=device.type == "cuda", worker_init_fn=runtime.ignore_stop_signals)
     feats, labels = [], []
     model.eval()
     for images, targets in loader:
@@ -122,10 +124,10 @@ def match_classes(train_set, val_set):
 def evaluate(backbone, data_path, image_size, device, nb_knn=(10, 20, 100, 200), temperature=0.07,
              batch_size=256, num_workers=0, dtype=None, shrink=None):
     """k-NN accuracies {k: (top1, top5)} of a backbone on a dataset's train (memory) and val (queries).
-    Images much larger than the evaluation needs are decoded once, shrunk, and kept (data.ShrunkImages):
+    Images much larger than the evaluation needs are decoded once, shrunk, and kept (images.ShrunkImages):
     to `shrink` px, or to what the resize needs."""
     tf = eval_transform(image_size)
-    shrink = shrink or data.shrink_side([(eval_resize(image_size), None)])
+    shrink = shrink or images.shrink_side([(eval_resize(image_size), None)])
     train_set = data.build_dataset(data_path, "train", tf, shrink=shrink)
     val_set = data.build_dataset(data_path, "val", tf, shrink=shrink)
     val_to_train = match_classes(train_set, val_set)

@@ -44,6 +44,8 @@ from torchvision import transforms
 import checkpoint as ckpt
 import cli
 import data
+import images
+import runtime
 
 knn = importlib.import_module("06_knn")
 
@@ -169,7 +171,7 @@ def prepare(args):
         raise cli.UsageError(f"--n_last_blocks {args.n_last_blocks} exceeds the {depth} blocks of {args.arch}")
     eval_tf = knn.eval_transform(image_size)
     train_tf = eval_tf if args.precomputed else train_transform(image_size)
-    shrink = data.shrink_side([(image_size, 0.08), (knn.eval_resize(image_size), None)])  # large files: once
+    shrink = images.shrink_side([(image_size, 0.08), (knn.eval_resize(image_size), None)])  # large files: once
     train_set = data.build_dataset(args.data_path, "train", train_tf, shrink=shrink)
     val_set = data.build_dataset(args.data_path, "val", eval_tf, shrink=shrink)
     return backbone, image_size, out_dir, train_set, val_set, knn.match_classes(train_set, val_set)
@@ -187,7 +189,7 @@ def main(args):
     def loader(dataset, shuffle):
         return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, shuffle=shuffle,
                                            num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                           worker_init_fn=data.ignore_stop_signals)
+                                           worker_init_fn=runtime.ignore_stop_signals)
 
     def extract(dataset):
         z, y = zip(*feature_batches(backbone, loader(dataset, False), args, device, dtype))

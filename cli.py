@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 
 import checkpoint
-import data
+import images
 
 
 class UsageError(Exception):
     """Bad command-line input that no single flag's type can see: the message names the problem and the fix."""
 
 
-ERRORS = (UsageError, data.DataError, checkpoint.CheckpointError)
+ERRORS = (UsageError, images.DataError, checkpoint.CheckpointError)
 
 
 def number(kind, ok, domain):

@@ -60,6 +60,18 @@ def check_writable(out):
                          f"with free space") from None
 
 
+# Ctrl-C reaches every process of the terminal, and SIGTERM / SIGUSR1 every process of the group (SLURM's scancel,
+# preemption and --signal ahead of a time limit; systemd; timeout). The main process finishes its step and saves.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def ignore_stop_signals(_):
+    """In each loader worker: leave the stop signals to the main process (a worker killed by one would end the
+    run without its checkpoint)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Stop:
     """Ctrl-C / SIGTERM / SIGUSR1: finish the current step, checkpoint, exit cleanly."""
 
@@ -81,3 +93,4 @@ class Stop:
         flag = torch.tensor(float(self.requested), device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+

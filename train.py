@@ -8,7 +8,7 @@ official main_dino.py, on one CPU, one GPU, or many through torchrun.
 Read top to bottom: one iteration of Algorithm 1 (`train_step`) and the three rules around it
 (clipping, the frozen last layer, the schedules); the epoch loop with its checkpoints; how
 `setup` builds a run from the arguments; the arguments themselves. Devices, processes and
-signals are in runtime.py, the loader in data.py, log messages and curves in monitor.py.
+signals are in runtime.py, the loader in loader.py, log messages and curves in monitor.py.
 """
 import argparse
 import contextlib
@@ -31,9 +31,11 @@ import benchmark
 import checkpoint as ckpt
 import cli as cmdline
 import data
+import images
 import monitor
 import runtime
 from cli import UsageError
+from loader import DeviceBatches, training_loader
 
 multicrop = importlib.import_module("01_multicrop")
 vits = importlib.import_module("02_vit")
@@ -121,11 +123,11 @@ class Run:
     compiled: bool  # student and teacher went through torch.compile
     rank: int  # this process, of `world`
     world: int
-    loader: data.DeviceBatches  # batches of finished crops [g1, g2, l1..lN] on the device; its sampler resumes
+    loader: DeviceBatches  # batches of finished crops [g1, g2, l1..lN] on the device; its sampler resumes
     niter: int  # iterations per epoch
     workers: int  # data-loading processes
     out: Path  # --output_dir
-    shrink: int = None  # the shorter side (px) large images are shrunk to, once (data.ShrunkImages)
+    shrink: int = None  # the shorter side (px) large images are shrunk to, once (images.ShrunkImages)
     saved_at: float = -math.inf  # time.monotonic() of the last checkpoint written
     start_epoch: int = 0  # where a resumed run continues
     start_step: int = 0
@@ -368,10 +370,10 @@ def setup(args):
         transform, augment, loader = multicrop.DataAugmentationDINO(*crop_args), None, None
     else:
         transform = multicrop.DataAugmentationDINOSplit(*crop_args)
-        augment, loader = transform.photometric, data.path_if_jpeg
+        augment, loader = transform.photometric, images.path_if_jpeg
     # files far larger than these crops need (phone photos for 32 px crops) are decoded once, shrunk, and kept
     # in memory (not in --reference_mode): every crop and the evaluation's resize still come from twice their pixels
-    shrink = None if args.reference_mode else data.shrink_side(
+    shrink = None if args.reference_mode else images.shrink_side(
         [(args.global_size, args.global_crops_scale[0]), (knn.eval_resize(args.global_size), None)] +
         [(args.local_size, args.local_crops_scale[0])] * bool(args.local_crops_number))
     dataset = data.build_dataset(args.data_path, "pretrain", transform, loader=loader, shrink=shrink)
@@ -382,7 +384,7 @@ def setup(args):
     workers = min(args.num_workers, os.cpu_count() or 1)
     if device.type == "cpu":  # the augmentation workers need cores too
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers)))
-    loader = data.training_loader(dataset, args.batch_size_per_gpu, workers, args.seed, rank, world, device, augment)
+    loader = training_loader(dataset, args.batch_size_per_gpu, workers, args.seed, rank, world, device, augment)
     niter = fit_to_budget(args, len(loader))
     if args.eval_every and not data.has_val(args.data_path):
         print(f"note: {args.data_path} has no val/ folder, so there is no k-NN evaluation during training",
@@ -606,7 +608,7 @@ def main(args):
             print(f"nothing to train: {run.resumed_from} has all {args.epochs} epochs; raise --epochs to train on, "
                   f"or give a new run its own --output_dir")
     stop = runtime.Stop()
-    handlers = {sig: signal.signal(sig, stop) for sig in data.STOP_SIGNALS}
+    handlers = {sig: signal.signal(sig, stop) for sig in runtime.STOP_SIGNALS}
     try:
         return fit(dino, run, stop)
     finally:
