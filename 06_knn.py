@@ -36,8 +36,8 @@ import data
 import images
 import runtime
 
+multicrop = importlib.import_module("01_multicrop")
 vits = importlib.import_module("02_vit")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PRETRAINED_HELP = (f"an official backbone file or full official checkpoint, or a released name "
                    f"({', '.join(ckpt.RELEASED)}: downloaded once into torch.hub's cache; --arch and --patch_size "
                    f"follow from the name)")
@@ -53,7 +53,7 @@ def eval_transform(image_size):
         transforms.Resize(eval_resize(image_size), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(multicrop.IMAGENET_MEAN, multicrop.IMAGENET_STD),
     ])
 
 

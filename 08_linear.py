@@ -47,6 +47,7 @@ import data
 import images
 import runtime
 
+multicrop = importlib.import_module("01_multicrop")
 knn = importlib.import_module("06_knn")
 
 
@@ -69,7 +70,7 @@ def train_transform(image_size):
         transforms.RandomResizedCrop(image_size),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(knn.IMAGENET_MEAN, knn.IMAGENET_STD),
+        transforms.Normalize(multicrop.IMAGENET_MEAN, multicrop.IMAGENET_STD),
     ])
 
 

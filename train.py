@@ -33,6 +33,7 @@ import cli as cmdline
 import data
 import images
 import monitor
+import multicrop_fast
 import runtime
 from cli import UsageError
 from loader import DeviceBatches, training_loader
@@ -369,7 +370,7 @@ def setup(args):
     if args.reference_mode:
         transform, augment, loader = multicrop.DataAugmentationDINO(*crop_args), None, None
     else:
-        transform = multicrop.DataAugmentationDINOSplit(*crop_args)
+        transform = multicrop_fast.DataAugmentationDINOSplit(*crop_args)
         augment, loader = transform.photometric, images.path_if_jpeg
     # files far larger than these crops need (phone photos for 32 px crops) are decoded once, shrunk, and kept
     # in memory (not in --reference_mode): every crop and the evaluation's resize still come from twice their pixels

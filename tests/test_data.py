@@ -37,14 +37,14 @@ def test_crops_of_real_photographs_are_rebuilt_identically(tmp_path):
 # ---------------------------------------------------------------------------- large files, small crops
 def test_every_crop_of_a_shrunk_image_keeps_twice_its_pixels():
     import random
-    multicrop = load("01_multicrop")
+    fast = load("multicrop_fast")
     views = [(32, 0.4), (16, 0.1)]  # the course preset's global and local crops
     side = images.shrink_side(views + [(37, None)])
     assert side == 117
     rng = random.Random(0)
     for W, H in ((side, side), (side * 4 // 3, side), (side, side * 16 // 9)):  # the shorter side at `side`
         for size, smallest in views:
-            boxes = [multicrop.random_resized_crop_box(W, H, (smallest, 1.0), rng) for _ in range(2000)]
+            boxes = [fast.random_resized_crop_box(W, H, (smallest, 1.0), rng) for _ in range(2000)]
             assert min(min(w, h) for _, _, w, h in boxes) >= 2 * size - 1  # rounding of the box
 
 
@@ -92,7 +92,7 @@ def test_large_images_are_decoded_once_shrunk_and_crop_alike(tmp_path, capsys, m
 def test_a_photo_stored_sideways_is_turned_as_viewers_show_it(tmp_path):
     import torch
     from PIL import Image
-    multicrop = load("01_multicrop")
+    fast = load("multicrop_fast")
     upright = data.draw_texture(np.random.RandomState(0), 0, 64).crop((0, 0, 40, 64))  # portrait, 40 x 64
     exif = Image.Exif()
     exif[images.ORIENTATION] = 6  # stored turned a quarter to the left, as phones store portrait photos
@@ -100,7 +100,7 @@ def test_a_photo_stored_sideways_is_turned_as_viewers_show_it(tmp_path):
     assert Image.open(tmp_path / "p.jpg").size == (64, 40)
     img = data.open_image(tmp_path / "p.jpg")
     assert img.size == (40, 64) and np.abs(np.asarray(img, float) - np.asarray(upright, float)).mean() < 3
-    geometry = multicrop.MultiCropGeometry(local_crops_number=2, global_size=16, local_size=8)
+    geometry = fast.MultiCropGeometry(local_crops_number=2, global_size=16, local_size=8)
     torch.manual_seed(0)
     from_file = geometry(tmp_path / "p.jpg")  # the training path, which decodes JPEGs itself
     torch.manual_seed(0)
