@@ -127,15 +127,7 @@ def accuracy(classifier, z, labels):
 
 def get_args_parser():
     p = cli.Parser("Linear evaluation of DINO features")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
-    src.add_argument("--pretrained", help=knn.PRETRAINED_HELP)
-    src.add_argument("--random_init", action="store_true", help="an untrained network: the baseline to read against")
-    src.add_argument("--raw_pixels", action="store_true", help="the normalised pixels themselves: the other baseline")
-    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default="vit_small", choices=sorted(knn.vits.ARCHS),
-                   help="for --pretrained FILE / --random_init")
-    p.add_argument("--patch_size", "--patch", type=cli.patch_size, default=16)
+    cli.add_backbone_args(p, knn.vits.ARCHS)
     p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="crop size; default: the checkpoint's global crop size, else 224")
     p.add_argument("--n_last_blocks", type=cli.positive_int, default=None,
@@ -153,9 +145,7 @@ def get_args_parser():
     p.add_argument("--data_path", default="textures",
                    help="ImageFolder with train/ and val/, or " + ", ".join(data.BUILTIN))
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2)
-    p.add_argument("--output_dir", default=None,
-                   help="where linear.json goes; default: beside --checkpoint, else the current directory "
-                        "(linear_random_init.json, linear_raw_pixels.json for the baselines)")
+    p.add_argument("--output_dir", default=None, help=cli.output_dir_help("linear"))
     return p
 
 
@@ -206,8 +196,7 @@ def main(args):
     num_labels = len(train_set.classes)
     classifier = LinearClassifier(val_z.shape[1], num_labels).to(device)
     lr = args.lr * args.batch_size_per_gpu / 256  # the linear scaling rule, one process
-    what = ("random init" if args.random_init else "raw pixels" if args.raw_pixels
-            else args.checkpoint or args.pretrained)
+    what = cli.source_name(args)
     z_desc = ("pixels" if args.raw_pixels else f"{args.arch}/{args.patch_size}, CLS of the last "
               f"{args.n_last_blocks} blocks" + (" + mean patch token" if args.avgpool_patchtokens else ""))
     print(f"{z_desc} ({what}) on {args.data_path} at {image_size} px: {val_z.shape[1]} features, {num_labels} "
@@ -217,13 +206,11 @@ def main(args):
     top1, top5 = accuracy(classifier, val_z, val_y)
     print(f"linear: top-1 {top1:.2f}%  top-5 {top5:.2f}% on {len(val_y)} validation images")
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = ("linear_random_init.json" if args.random_init else "linear_raw_pixels.json" if args.raw_pixels
-            else "linear.json")
     ckpt.save_json({"source": str(what), "arch": args.arch, "patch_size": args.patch_size, "data_path": args.data_path,
                     "image_size": image_size, "n_last_blocks": args.n_last_blocks,
                     "avgpool_patchtokens": args.avgpool_patchtokens, "precomputed": args.precomputed,
                     "epochs": args.epochs, "batch_size": args.batch_size_per_gpu, "lr": lr,
-                    "top1": top1, "top5": top5}, out_dir / name)
+                    "top1": top1, "top5": top5}, out_dir / cli.results_name(args, "linear"))
     print(f"linear top-1: {top1:.2f}%")
 
 

@@ -576,9 +576,9 @@ def check_args(args):
         if getattr(args, name) % args.patch_size:
             raise UsageError(f"--patch_size {args.patch_size} does not divide --{name} {getattr(args, name)}; "
                              f"choose crop sizes that are multiples of the patch size")
-        if getattr(args, name) // args.patch_size > knn.MAX_SIDE:
+        if getattr(args, name) // args.patch_size > cmdline.MAX_SIDE:
             raise UsageError(f"--{name} {getattr(args, name)} is {getattr(args, name) // args.patch_size} patches "
-                             f"of {args.patch_size} px per side, more than {knn.MAX_SIDE}; lower it or raise "
+                             f"of {args.patch_size} px per side, more than {cmdline.MAX_SIDE}; lower it or raise "
                              f"--patch_size")
     if args.warmup_epochs > args.epochs or args.warmup_teacher_temp_epochs > args.epochs:
         raise UsageError(f"--warmup_epochs ({args.warmup_epochs}) and --warmup_teacher_temp_epochs "
