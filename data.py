@@ -173,10 +173,10 @@ def has_val(data_path):
 
 def build_dataset(data_path, split, transform=None, download_dir=None, loader=None, shrink=None):
     """split: 'pretrain' (what DINO trains on), 'train' or 'val' (the k-NN memory bank and queries).
-    loader: what an ImageFolder hands the transform (an RGB PIL image by default, or path_if_jpeg); the
-    built-in datasets always give PIL images. shrink: a side (shrink_side) below which nothing is lost;
-    when a folder's images are much larger (shrunk_bytes), they are decoded once, shrunk to it, and kept
-    in memory (ShrunkImages), up to KEEP_BYTES."""
+    loader: what an ImageFolder hands the transform (an RGB PIL image by default, or images.path_if_jpeg);
+    the built-in datasets always give PIL images. shrink: a side (images.shrink_side) below which nothing is
+    lost; when a folder's images are much larger (images.shrunk_bytes), they are decoded once, shrunk to it,
+    and kept in memory (images.ShrunkImages), up to images.KEEP_BYTES."""
     if data_path in BUILTIN:
         if data_path == "textures":
             return TexturesDataset("val" if split == "val" else "train", transform)
@@ -209,8 +209,9 @@ def build_dataset(data_path, split, transform=None, download_dir=None, loader=No
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description="draw the embedded textures, or build a small real ImageFolder")
+
     from makers import MAKERS
+    parser = argparse.ArgumentParser(description="draw the embedded textures, or build a small real ImageFolder")
     parser.add_argument("--make", nargs=2, metavar=("NAME", "DIR"), help=f"NAME: one of {', '.join(MAKERS)}")
     cli = parser.parse_args()
     if cli.make:

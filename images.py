@@ -74,10 +74,10 @@ def shrink_side(outputs):
 class ShrunkImages:
     """An ImageFolder's loader for images much larger than their crops need (phone photos for 32 px crops):
     each file is decoded once, shrunk to `side` (open_image), and kept in memory, instead of being decoded
-    again every epoch and every evaluation (a large JPEG costs more to decode, even at 1/8 scale, than a course
-    step spends on an image). Decoded in parallel, one process per core; files
-    that fail are kept as their DataError and raised when read, so that SafeImageFolder skips them. The
-    images are shared between the datasets of one process (the k-NN train split is the training set)."""
+    again every epoch and every evaluation (a large JPEG costs more to decode, even at 1/8 scale, than a
+    course step spends on an image). Decoded in parallel, one process per core; files that fail are kept as
+    their DataError and raised when read, so that data.SafeImageFolder skips them. The images are shared
+    between the datasets of one process (the k-NN train split is the training set)."""
 
     _memory = {}  # (path, side) -> PIL image or DataError
 
