@@ -26,15 +26,19 @@ def test_multicrop_shapes_and_order():
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 6
 
 
-def test_same_seed_same_crops_even_with_python_random_disturbed():
-    aug = multicrop.DataAugmentationDINO(local_crops_number=2, global_size=48, local_size=24)
+def three_draws(aug):
+    """aug on the sample photograph with torch's seed 3, 3 again (Python's `random` seeded otherwise) and 4."""
     img = multicrop.sample_image()
     torch.manual_seed(3); random.seed(1)
     a = aug(img)
     torch.manual_seed(3); random.seed(2)
     b = aug(img)
     torch.manual_seed(4)
-    c = aug(img)
+    return a, b, aug(img)
+
+
+def test_same_seed_same_crops_even_with_python_random_disturbed():
+    a, b, c = three_draws(multicrop.DataAugmentationDINO(local_crops_number=2, global_size=48, local_size=24))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
 
@@ -168,13 +172,7 @@ def test_split_recipe_crops_order_dtype_and_normalised_range():
 
 def test_split_recipe_is_seeded_and_a_crop_does_not_depend_on_its_batch():
     aug = fast.DataAugmentationDINOSplit(local_crops_number=2, global_size=48, local_size=24)
-    img = multicrop.sample_image()
-    torch.manual_seed(3); random.seed(1)
-    a = aug(img)
-    torch.manual_seed(3); random.seed(2)
-    b = aug(img)
-    torch.manual_seed(4)
-    c = aug(img)
+    a, b, c = three_draws(aug)
     assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
     assert not torch.equal(a[0][0], c[0][0])
     batch = aug.photometric(*default_collate([a, c, b]))
