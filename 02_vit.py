@@ -113,7 +113,7 @@ class PatchEmbed(nn.Module):
         if not self.fused:
             return rearrange(self.proj(x), "b d h w -> b (h w) d")
         # ...but applied as one matrix product over flattened patches: the same numbers, and on GPU
-        # in bf16 several times faster than the convolution kernel
+        # in bf16 faster than the convolution kernel
         h, w = x.shape[-2] // p, x.shape[-1] // p
         patches = rearrange(x[..., :h * p, :w * p], "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # (B, N-1, D)
@@ -198,7 +198,7 @@ def _vit(embed_dim, depth, num_heads, patch_size, **kwargs):
 
 
 def vit_nano(patch_size=4, **kwargs):
-    """Not in the paper: a 6-block, 128-wide ViT that trains in minutes on a laptop CPU (course preset)."""
+    """Not in the paper: a 6-block, 128-wide ViT small enough to train on a laptop CPU (course preset)."""
     return _vit(128, 6, 4, patch_size, **kwargs)
 
 

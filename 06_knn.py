@@ -33,12 +33,11 @@ from torchvision import transforms
 import checkpoint as ckpt
 import cli
 import data
+import images
+import runtime
 
+multicrop = importlib.import_module("01_multicrop")
 vits = importlib.import_module("02_vit")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-PRETRAINED_HELP = (f"an official backbone file or full official checkpoint, or a released name "
-                   f"({', '.join(ckpt.RELEASED)}: downloaded once into torch.hub's cache; --arch and --patch_size "
-                   f"follow from the name)")
 
 
 def eval_resize(image_size):
@@ -51,7 +50,7 @@ def eval_transform(image_size):
         transforms.Resize(eval_resize(image_size), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(multicrop.IMAGENET_MEAN, multicrop.IMAGENET_STD),
     ])
 
 
@@ -64,7 +63,7 @@ def extract_features(model, dataset, device, batch_size=256, num_workers=0, dtyp
     n = len(dataset)
     subset = torch.utils.data.Subset(dataset, range(rank, n, world))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda", worker_init_fn=data.ignore_stop_signals)
+                                         pin_memory=device.type == "cuda", worker_init_fn=runtime.ignore_stop_signals)
     feats, labels = [], []
     model.eval()
     for images, targets in loader:
@@ -122,10 +121,10 @@ def match_classes(train_set, val_set):
 def evaluate(backbone, data_path, image_size, device, nb_knn=(10, 20, 100, 200), temperature=0.07,
              batch_size=256, num_workers=0, dtype=None, shrink=None):
     """k-NN accuracies {k: (top1, top5)} of a backbone on a dataset's train (memory) and val (queries).
-    Images much larger than the evaluation needs are decoded once, shrunk, and kept (data.ShrunkImages):
+    Images much larger than the evaluation needs are decoded once, shrunk, and kept (images.ShrunkImages):
     to `shrink` px, or to what the resize needs."""
     tf = eval_transform(image_size)
-    shrink = shrink or data.shrink_side([(eval_resize(image_size), None)])
+    shrink = shrink or images.shrink_side([(eval_resize(image_size), None)])
     train_set = data.build_dataset(data_path, "train", tf, shrink=shrink)
     val_set = data.build_dataset(data_path, "val", tf, shrink=shrink)
     val_to_train = match_classes(train_set, val_set)
@@ -138,15 +137,7 @@ def evaluate(backbone, data_path, image_size, device, nb_knn=(10, 20, 100, 200),
 
 def get_args_parser():
     p = cli.Parser("Weighted k-NN evaluation of DINO features")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
-    src.add_argument("--pretrained", help=PRETRAINED_HELP)
-    src.add_argument("--random_init", action="store_true", help="an untrained network: the baseline to read against")
-    src.add_argument("--raw_pixels", action="store_true", help="the normalised pixels themselves: the other baseline")
-    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
-                   help="the paper evaluates the teacher, which is better than the student throughout training")
-    p.add_argument("--arch", default="vit_small", choices=sorted(vits.ARCHS), help="for --pretrained / --random_init")
-    p.add_argument("--patch_size", "--patch", type=cli.patch_size, default=16)
+    cli.add_backbone_args(p, vits.ARCHS)
     p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="centre-crop size; default: the checkpoint's global crop size, else 224")
     p.add_argument("--data_path", default="textures",
@@ -156,13 +147,8 @@ def get_args_parser():
                    help="T in exp(s / T), as in Wu et al. 2018")
     p.add_argument("--batch_size_per_gpu", type=cli.positive_int, default=256)
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2)
-    p.add_argument("--output_dir", default=None,
-                   help="where knn.json goes; default: beside --checkpoint, else the current directory "
-                        "(knn_random_init.json, knn_raw_pixels.json for the baselines)")
+    p.add_argument("--output_dir", default=None, help=cli.output_dir_help("knn"))
     return p
-
-
-MAX_SIDE = 128  # patches per side: beyond, the attention of one image needs gigabytes
 
 
 def build_backbone(args):
@@ -192,9 +178,9 @@ def build_backbone(args):
         source, out_dir = None, Path(".")
     image_size = args.image_size or 224
     side = image_size // args.patch_size
-    if not 1 <= side <= MAX_SIDE:
+    if not 1 <= side <= cli.MAX_SIDE:
         raise cli.UsageError(f"--image_size {image_size} and --patch_size {args.patch_size} give {side} x {side} "
-                             f"patches; choose them for 1 to {MAX_SIDE} patches per side")
+                             f"patches; choose them for 1 to {cli.MAX_SIDE} patches per side")
     model = vits.ARCHS[args.arch](patch_size=args.patch_size, img_size=image_size)
     if source is not None:
         what = args.checkpoint or args.pretrained
@@ -222,17 +208,16 @@ def main(args):
     dtype = torch.bfloat16 if device.type == "cuda" else None
     results = evaluate(model, args.data_path, image_size, device, args.nb_knn, args.temperature,
                        args.batch_size_per_gpu, args.num_workers, dtype)
-    what = ("random init" if args.random_init else "raw pixels" if args.raw_pixels
-            else args.checkpoint or args.pretrained)
+    what = cli.source_name(args)
     print(f"{'pixels' if args.raw_pixels else f'{args.arch}/{args.patch_size}'} ({what}) on {args.data_path} "
           f"at {image_size} px")
     for k, (top1, top5) in results.items():
         print(f"  {k:>3}-NN: top-1 {top1:6.2f}%  top-5 {top5:6.2f}%")
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "knn_random_init.json" if args.random_init else "knn_raw_pixels.json" if args.raw_pixels else "knn.json"
     ckpt.save_json({"source": str(what), "arch": args.arch, "patch_size": args.patch_size, "data_path": args.data_path,
                     "image_size": image_size, "temperature": args.temperature,
-                    "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in results.items()}}, out_dir / name)
+                    "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in results.items()}},
+                   out_dir / cli.results_name(args, "knn"))
     if 20 in results:
         print(f"k-NN top-1 (k=20): {results[20][0]:.2f}%")
 

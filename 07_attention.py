@@ -101,14 +101,7 @@ def save_figure(img, maps, patch_size, path, threshold=None, title=""):
 
 def get_args_parser():
     p = cli.Parser("DINO self-attention maps")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
-    src.add_argument("--pretrained", help=knn.PRETRAINED_HELP)
-    src.add_argument("--random_init", action="store_true", help="an untrained network, for comparison")
-    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default="vit_small", choices=sorted(knn.vits.ARCHS),
-                   help="for --pretrained / --random_init")
-    p.add_argument("--patch_size", "--patch", type=cli.patch_size, default=8)
+    cli.add_backbone_args(p, knn.vits.ARCHS, patch=8, raw_pixels=False)
     p.add_argument("--image", default=None,
                    help="an image file; default: a photograph shipped with matplotlib; 'textures:N' for image N "
                         "of the embedded dataset's val split")
@@ -143,10 +136,10 @@ def prepare(args):
     image_size = args.image_size or 480
     h, w = resized_shape(image, image_size)
     grid = (h // args.patch_size, w // args.patch_size)
-    if not 1 <= grid[0] * grid[1] <= knn.MAX_SIDE ** 2:
+    if not 1 <= grid[0] * grid[1] <= cli.MAX_SIDE ** 2:
         raise cli.UsageError(f"{what} ({image.size[0]} x {image.size[1]} px) resized for --image_size {image_size} "
                              f"(the long side at most twice the short) is {w} x {h} px: {grid[1]} x {grid[0]} patches "
-                             f"of {args.patch_size} px; choose an --image_size that gives 1 to {knn.MAX_SIDE ** 2} "
+                             f"of {args.patch_size} px; choose an --image_size that gives 1 to {cli.MAX_SIDE ** 2} "
                              f"patches, or crop the image")
     return model, image_tensor(image, image_size), what
 

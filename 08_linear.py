@@ -16,8 +16,8 @@ batch 128 per GPU. The features get no normalisation beyond the backbone's own f
 
 Departures:
 - `--precomputed`, for CPUs: the training images' features are extracted once, without
-  augmentation (the validation transform), and the linear layer trains on them in memory. Seconds
-  instead of 100 passes of the backbone; without augmentation the classifier overfits more easily.
+  augmentation (the validation transform), and the linear layer trains on them in memory: one pass
+  of the backbone instead of 100; without augmentation the classifier overfits more easily.
 - The number reported is the accuracy after the last epoch; the official script validates after
   every epoch and reports the best, a choice made on the validation set itself.
 - The mean patch token is appended after the CLS tokens; the official code interleaves the two,
@@ -44,7 +44,10 @@ from torchvision import transforms
 import checkpoint as ckpt
 import cli
 import data
+import images
+import runtime
 
+multicrop = importlib.import_module("01_multicrop")
 knn = importlib.import_module("06_knn")
 
 
@@ -67,7 +70,7 @@ def train_transform(image_size):
         transforms.RandomResizedCrop(image_size),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(knn.IMAGENET_MEAN, knn.IMAGENET_STD),
+        transforms.Normalize(multicrop.IMAGENET_MEAN, multicrop.IMAGENET_STD),
     ])
 
 
@@ -124,15 +127,7 @@ def accuracy(classifier, z, labels):
 
 def get_args_parser():
     p = cli.Parser("Linear evaluation of DINO features")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
-    src.add_argument("--pretrained", help=knn.PRETRAINED_HELP)
-    src.add_argument("--random_init", action="store_true", help="an untrained network: the baseline to read against")
-    src.add_argument("--raw_pixels", action="store_true", help="the normalised pixels themselves: the other baseline")
-    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default="vit_small", choices=sorted(knn.vits.ARCHS),
-                   help="for --pretrained FILE / --random_init")
-    p.add_argument("--patch_size", "--patch", type=cli.patch_size, default=16)
+    cli.add_backbone_args(p, knn.vits.ARCHS)
     p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="crop size; default: the checkpoint's global crop size, else 224")
     p.add_argument("--n_last_blocks", type=cli.positive_int, default=None,
@@ -150,9 +145,7 @@ def get_args_parser():
     p.add_argument("--data_path", default="textures",
                    help="ImageFolder with train/ and val/, or " + ", ".join(data.BUILTIN))
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2)
-    p.add_argument("--output_dir", default=None,
-                   help="where linear.json goes; default: beside --checkpoint, else the current directory "
-                        "(linear_random_init.json, linear_raw_pixels.json for the baselines)")
+    p.add_argument("--output_dir", default=None, help=cli.output_dir_help("linear"))
     return p
 
 
@@ -169,7 +162,7 @@ def prepare(args):
         raise cli.UsageError(f"--n_last_blocks {args.n_last_blocks} exceeds the {depth} blocks of {args.arch}")
     eval_tf = knn.eval_transform(image_size)
     train_tf = eval_tf if args.precomputed else train_transform(image_size)
-    shrink = data.shrink_side([(image_size, 0.08), (knn.eval_resize(image_size), None)])  # large files: once
+    shrink = images.shrink_side([(image_size, 0.08), (knn.eval_resize(image_size), None)])  # large files: once
     train_set = data.build_dataset(args.data_path, "train", train_tf, shrink=shrink)
     val_set = data.build_dataset(args.data_path, "val", eval_tf, shrink=shrink)
     return backbone, image_size, out_dir, train_set, val_set, knn.match_classes(train_set, val_set)
@@ -179,7 +172,7 @@ def main(args):
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    if device.type == "cpu":  # as train.py: the loader's workers need cores too (on 2 cores, 4x faster here)
+    if device.type == "cpu":  # as train.py: the loader's workers need cores too
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - args.num_workers)))
     backbone, image_size, out_dir, train_set, val_set, val_to_train = prepare(args)
     backbone.to(device).eval().requires_grad_(False)
@@ -187,7 +180,7 @@ def main(args):
     def loader(dataset, shuffle):
         return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, shuffle=shuffle,
                                            num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                           worker_init_fn=data.ignore_stop_signals)
+                                           worker_init_fn=runtime.ignore_stop_signals)
 
     def extract(dataset):
         z, y = zip(*feature_batches(backbone, loader(dataset, False), args, device, dtype))
@@ -203,8 +196,7 @@ def main(args):
     num_labels = len(train_set.classes)
     classifier = LinearClassifier(val_z.shape[1], num_labels).to(device)
     lr = args.lr * args.batch_size_per_gpu / 256  # the linear scaling rule, one process
-    what = ("random init" if args.random_init else "raw pixels" if args.raw_pixels
-            else args.checkpoint or args.pretrained)
+    what = cli.source_name(args)
     z_desc = ("pixels" if args.raw_pixels else f"{args.arch}/{args.patch_size}, CLS of the last "
               f"{args.n_last_blocks} blocks" + (" + mean patch token" if args.avgpool_patchtokens else ""))
     print(f"{z_desc} ({what}) on {args.data_path} at {image_size} px: {val_z.shape[1]} features, {num_labels} "
@@ -214,13 +206,11 @@ def main(args):
     top1, top5 = accuracy(classifier, val_z, val_y)
     print(f"linear: top-1 {top1:.2f}%  top-5 {top5:.2f}% on {len(val_y)} validation images")
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = ("linear_random_init.json" if args.random_init else "linear_raw_pixels.json" if args.raw_pixels
-            else "linear.json")
     ckpt.save_json({"source": str(what), "arch": args.arch, "patch_size": args.patch_size, "data_path": args.data_path,
                     "image_size": image_size, "n_last_blocks": args.n_last_blocks,
                     "avgpool_patchtokens": args.avgpool_patchtokens, "precomputed": args.precomputed,
                     "epochs": args.epochs, "batch_size": args.batch_size_per_gpu, "lr": lr,
-                    "top1": top1, "top5": top5}, out_dir / name)
+                    "top1": top1, "top5": top5}, out_dir / cli.results_name(args, "linear"))
     print(f"linear top-1: {top1:.2f}%")
 
 

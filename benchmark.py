@@ -54,7 +54,7 @@ def measure(train_step, dino, run):
     B, n_steps = args.batch_size_per_gpu, args.benchmark or args.benchmark_data
     ncrops = 2 + args.local_crops_number
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    epoch = args.freeze_last_layer  # past the frozen epochs, so the timed step updates every parameter
+    epoch = run.budget.freeze_last_layer  # past the frozen epochs, so the timed step updates every parameter
     if args.benchmark:
         g = torch.Generator().manual_seed(0)
         synthetic = [torch.randn(B, 3, args.global_size, args.global_size, generator=g) for _ in range(2)] + \

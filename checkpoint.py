@@ -1,4 +1,5 @@
-"""Saving and loading weights: atomic writes, `weights_only=True` reads, errors that name the fix.
+"""Saving and loading weights: atomic writes, `weights_only=True` reads, errors that name the fix; a training
+run's checkpoints (what they hold, when they are written, and the checks before a run resumes from one).
 
 Our checkpoints hold plain types only: state dicts, the centre, the epoch, `args` as a dict.
 Also reads the official files: a released backbone (`dino_deitsmall16_pretrain.pth`, a bare
@@ -9,9 +10,11 @@ The released backbones can also be named (`dino_vits16`, ...): `load_released` f
 the official URLs into torch.hub's cache, once.
 """
 import argparse
+import math
 import os
 import pickle
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -149,3 +152,83 @@ def save_json(obj, path):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- a training run's checkpoints
+def checkpoint_state(dino, config, epoch, step):
+    """train.py's checkpoint of a train.DINO: plain types only, so that torch.load(weights_only=True) reads it;
+    keys as the official checkpoint; config: the run's arguments as a dict."""
+    student = getattr(dino.student, "module", dino.student)  # without DDP
+    return {"student": student.state_dict(), "teacher": dino.teacher.state_dict(),
+            "optimizer": dino.optimizer.state_dict(), "dino_loss": dino.loss_fn.state_dict(),
+            "epoch": epoch, "step": step, "args": config, "scaler": dino.scaler.state_dict()}
+
+
+SAVE_EVERY_S = 60  # epochs of a few seconds (small folders) are checkpointed about once a minute, not each time
+
+
+class RunCheckpoints:
+    """When a run writes its checkpoints: checkpoint.pth after an epoch, or, when epochs take seconds (writing
+    the checkpoint and redrawing curves.png after each would take more time than the steps), after the first
+    epoch to end SAVE_EVERY_S after the last one written; always after the last epoch and when stopped.
+    checkpointNNNN.pth after every saveckp_freq-th epoch, numbered from 0 as the official ones."""
+
+    def __init__(self, out, saveckp_freq):
+        self.out, self.saveckp_freq, self.saved_at = Path(out), saveckp_freq, -math.inf
+
+    def save(self, state, epoch, done, last):
+        """After `epoch`, finished if `done`; `last`: the run's last epoch, or a stop. Whether checkpoint.pth was
+        written."""
+        due = not done or last or time.monotonic() - self.saved_at >= SAVE_EVERY_S
+        if due:
+            save_atomic(state, self.out / "checkpoint.pth")
+            self.saved_at = time.monotonic()
+        if done and self.saveckp_freq and epoch % self.saveckp_freq == 0:
+            save_atomic(state, self.out / f"checkpoint{epoch:04d}.pth")  # 0000: after the first epoch
+        return due
+
+
+# what a checkpoint's network and optimizer state are made for: a resumed run must have the same
+RESUME_FLAGS = ("arch", "patch_size", "global_size", "out_dim", "use_bn_in_head", "norm_last_layer", "optimizer")
+
+
+def read_checkpoint(path, args, same_data=False):
+    """A checkpoint_state from `path`, checked against this run's flags before anything is written: the same
+    RESUME_FLAGS, and when it stopped mid-epoch the same batch size (its step counts batches of that size).
+    With `same_data` (found in --output_dir, not named by --resume) also the same --data_path: a course run on
+    another folder with the same preset must not quietly continue the last one."""
+    state = load_file(path)
+    if not isinstance(state, dict) or not {"student", "teacher", "optimizer", "dino_loss", "epoch"} <= set(state) \
+            or not all(isinstance(state.get(k, 0), int) and state.get(k, 0) >= 0 for k in ("epoch", "step")):
+        raise CheckpointError(f"{path} is not a train.py checkpoint (needs student, teacher, optimizer, "
+                              f"dino_loss, epoch); 06_knn.py and 07_attention.py take backbone files")
+    saved = state.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved if isinstance(saved, dict) else {}
+    for name in RESUME_FLAGS + (("batch_size_per_gpu",) if state.get("step") else ()):
+        if name in saved and saved[name] != getattr(args, name):
+            why = " and stopped mid-epoch" if name == "batch_size_per_gpu" else ""
+            raise CheckpointError(f"{path} was trained with --{name} {saved[name]}{why}, this run has "
+                                  f"{getattr(args, name)}; resume with the same flags, or start afresh with "
+                                  f"--resume none or a new --output_dir")
+    where = lambda d: os.path.realpath(d) if os.path.isdir(d) else d  # a folder, or a built-in dataset's name
+    if same_data and "data_path" in saved and where(saved["data_path"]) != where(args.data_path):
+        raise CheckpointError(f"{path} was trained on --data_path {saved['data_path']}, this run reads "
+                              f"{args.data_path}; give this run its own --output_dir (or, to continue that run on "
+                              f"this data, --resume {path})")
+    return state
+
+
+def load_checkpoint(state, path, dino, niter):
+    """Restore a checkpoint_state into a train.DINO; returns its (epoch, step). Any key mismatch is an error, and
+    so is a stop mid-epoch at an iteration this run's epochs of `niter` iterations do not reach."""
+    load_strict(dino.student, state["student"], f"{path} (student)")
+    load_strict(dino.teacher, state["teacher"], f"{path} (teacher)")
+    load_strict(dino.loss_fn, state["dino_loss"], f"{path} (dino_loss)")
+    dino.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        dino.scaler.load_state_dict(state["scaler"])
+    if state.get("step", 0) >= niter:  # stopped mid-epoch, with epochs of another length (--steps or the data)
+        raise CheckpointError(f"{path} stopped at iteration {state['step']} of an epoch, and this run's epochs have "
+                              f"{niter}; resume with the flags it was made with, or start afresh with --resume "
+                              f"none or a new --output_dir")
+    return state["epoch"], state.get("step", 0)

@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 
 import checkpoint
-import data
+import images
 
 
 class UsageError(Exception):
     """Bad command-line input that no single flag's type can see: the message names the problem and the fix."""
 
 
-ERRORS = (UsageError, data.DataError, checkpoint.CheckpointError)
+ERRORS = (UsageError, images.DataError, checkpoint.CheckpointError)
 
 
 def number(kind, ok, domain):
@@ -50,6 +50,7 @@ fraction = number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 below_one = number(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
 MAX_PATCH = 64  # pixels per patch side: the patch embedding holds 3 x patch^2 weights per channel
 patch_size = number(int, lambda x: 1 <= x <= MAX_PATCH, f"an integer in [1, {MAX_PATCH}]")
+MAX_SIDE = 128  # patches per side of an image: beyond, the attention of one image needs gigabytes
 
 
 def bool_flag(s):
@@ -98,6 +99,46 @@ def run(main, parse, argv=None):
         return main(args) or 0
     except ERRORS as e:
         return error(e)
+
+
+PRETRAINED_HELP = (f"an official backbone file or full official checkpoint, or a released name "
+                   f"({', '.join(checkpoint.RELEASED)}: downloaded once into torch.hub's cache; --arch and "
+                   f"--patch_size follow from the name)")
+
+
+def add_backbone_args(p, archs, patch=16, raw_pixels=True):
+    """The evaluation scripts' source of features (06_knn.build_backbone reads it): a train.py checkpoint, an
+    official file or released name, an untrained network, or (with raw_pixels) the pixels themselves."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
+    src.add_argument("--pretrained", help=PRETRAINED_HELP)
+    src.add_argument("--random_init", action="store_true", help="an untrained network: the baseline to read against")
+    if raw_pixels:
+        src.add_argument("--raw_pixels", action="store_true",
+                         help="the normalised pixels themselves: the other baseline")
+    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
+                   help="the paper evaluates the teacher, which is better than the student throughout training")
+    p.add_argument("--arch", default="vit_small", choices=sorted(archs), help="for --pretrained FILE / --random_init")
+    p.add_argument("--patch_size", "--patch", type=patch_size, default=patch)
+
+
+def source_name(args):
+    """What the features come from, in words."""
+    if args.random_init:
+        return "random init"
+    return "raw pixels" if getattr(args, "raw_pixels", False) else args.checkpoint or args.pretrained
+
+
+def results_name(args, stem):
+    """Where an evaluation's results go in its --output_dir: STEM.json, or STEM_random_init.json and
+    STEM_raw_pixels.json for the baselines, so that they sit beside a checkpoint's own."""
+    return f"{stem}_random_init.json" if args.random_init else f"{stem}_raw_pixels.json" if args.raw_pixels \
+        else f"{stem}.json"
+
+
+def output_dir_help(stem):
+    return (f"where {stem}.json goes; default: beside --checkpoint, else the current directory "
+            f"({stem}_random_init.json, {stem}_raw_pixels.json for the baselines)")
 
 
 def check_output_dir(path, flag="--output_dir"):

@@ -1,8 +1,44 @@
-"""What a training run tells its user: the teacher's entropy and KL in plain words (the two collapses
-of paper Sec. 5.3) and curves.png, redrawn from log.txt's rows with every checkpoint."""
+"""What a training run tells its user: a line of log.txt and of the console per epoch, the teacher's entropy
+and KL in plain words (the two collapses of paper Sec. 5.3), and curves.png, redrawn from log.txt's rows with
+every checkpoint."""
+import json
 import math
 import os
+import sys
 from pathlib import Path
+
+
+def log_epoch(row, log_rows, out, draw=True):
+    """A line of out/log.txt, curves.png redrawn (if `draw`), a line on the console, and plain words if it
+    collapses. log_rows: the run's rows so far, `row` appended."""
+    log_rows.append(row)
+    with open(Path(out) / "log.txt", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if draw:
+        plot_curves(log_rows, Path(out) / "curves.png")
+    knn_str = f", k-NN top-1 {row['knn_top1']:.1f}%" if "knn_top1" in row else ""
+    print(f"epoch {row['epoch']}: loss {row['loss']:.4f}, h(P_t) {row['entropy']:.3f}, KL {row['kl']:.3f}, "
+          f"h(batch mean) {row['batch_entropy']:.2f}"
+          f"{knn_str}, {row['img_per_s']:.0f} img/s")
+    K = row["out_dim"]
+    msg = collapse_message(row["entropy"], row["kl"], K)
+    if not msg and not drift_message(log_rows[:-1], K):  # a drift is named once, when it starts
+        msg = drift_message(log_rows, K)
+    if msg:
+        print(msg, file=sys.stderr)
+
+
+def read_log(path, epochs, rewrite=True):
+    """The rows of log.txt (at `path`) of the first `epochs` epochs, those a resumed run keeps; with `rewrite`,
+    the file is cut to them: epochs logged after the checkpoint are trained and logged again."""
+    path = Path(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    kept = [r for r in rows if r["epoch"] < epochs]
+    if len(kept) < len(rows) and rewrite:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    return kept
 
 
 def collapse_message(entropy, kl, K):

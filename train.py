@@ -6,15 +6,15 @@ official main_dino.py, on one CPU, one GPU, or many through torchrun.
     torchrun --nproc_per_node=8 train.py --data_path /imagenet    # data-parallel
 
 Read top to bottom: one iteration of Algorithm 1 (`train_step`) and the three rules around it
-(clipping, the frozen last layer, the schedules); the epoch loop with its checkpoints; how
-`setup` builds a run from the arguments; the arguments themselves. Devices, processes and
-signals are in runtime.py, the loader in data.py, log messages and curves in monitor.py.
+(clipping, the frozen last layer, the schedules); the epoch loop; how `setup` builds a run from the
+arguments. The arguments themselves, with their defaults and the presets, are in arguments.py; devices,
+processes and signals in runtime.py; the loader in loader.py; checkpoints and resuming in checkpoint.py;
+log.txt, messages and curves in monitor.py.
 """
 import argparse
 import contextlib
+import dataclasses
 import importlib
-import json
-import math
 import os
 import signal
 import sys
@@ -31,9 +31,13 @@ import benchmark
 import checkpoint as ckpt
 import cli as cmdline
 import data
+import images
 import monitor
+import multicrop_fast
 import runtime
+from arguments import check_args, parse_args
 from cli import UsageError
+from loader import DeviceBatches, training_loader
 
 multicrop = importlib.import_module("01_multicrop")
 vits = importlib.import_module("02_vit")
@@ -113,36 +117,51 @@ def unwrap(model):
 
 # ---------------------------------------------------------------------------- the run around it
 @dataclass
+class Budget:
+    """What the run does: the flags' epochs, or with --steps N about N iterations whatever the dataset's size,
+    the epochs and the epoch-valued flags fitted to them (fit_to_budget)."""
+    epochs: int
+    niter: int  # iterations per epoch
+    warmup_epochs: int
+    warmup_teacher_temp_epochs: int
+    freeze_last_layer: int
+    eval_every: int  # k-NN evaluation every this many epochs; 0: never
+
+    def config(self, args):
+        """The arguments with the values this run uses: config.json, and the "args" of its checkpoints."""
+        return dict(vars(args), **{k: v for k, v in dataclasses.asdict(self).items() if k != "niter"})
+
+
+@dataclass
 class Run:
     """Where a run's data comes from, where its results go, and where it stands."""
     args: argparse.Namespace
+    budget: Budget
     device: torch.device
     precision: str  # fp32, bf16 or fp16
     compiled: bool  # student and teacher went through torch.compile
     rank: int  # this process, of `world`
     world: int
-    loader: data.DeviceBatches  # batches of finished crops [g1, g2, l1..lN] on the device; its sampler resumes
-    niter: int  # iterations per epoch
+    loader: DeviceBatches  # batches of finished crops [g1, g2, l1..lN] on the device; its sampler resumes
     workers: int  # data-loading processes
     out: Path  # --output_dir
-    shrink: int = None  # the shorter side (px) large images are shrunk to, once (data.ShrunkImages)
-    saved_at: float = -math.inf  # time.monotonic() of the last checkpoint written
+    shrink: int = None  # the shorter side (px) large images are shrunk to, once (images.ShrunkImages)
     start_epoch: int = 0  # where a resumed run continues
     start_step: int = 0
     log_rows: list = None  # log.txt rows of the epochs already done
     resumed_from: Path = None
 
-
-SAVE_EVERY_S = 60  # epochs of a few seconds (small folders) are checkpointed about once a minute, not each time
+    @property
+    def niter(self):  # iterations per epoch
+        return self.budget.niter
 
 
 def fit(dino, run, stop):
-    """Epochs until --epochs, a checkpoint after each (and when stopped mid-epoch), k-NN every --eval_every.
-    When epochs take seconds, writing the checkpoint (100 MB for the course preset's student, teacher and
-    optimizer state) and redrawing curves.png after each took more time than the steps: then only the first
-    epoch to end SAVE_EVERY_S after the last checkpoint writes one, and the last epoch; log.txt has every epoch."""
-    args, out, epoch, step = run.args, run.out, run.start_epoch, run.start_step
-    while epoch < args.epochs:
+    """Epochs until the budget's last, with a checkpoint after each (ckpt.RunCheckpoints says when one is
+    written; always when stopped mid-epoch) and a line of log.txt; k-NN every eval_every epochs."""
+    args, budget, out, epoch, step = run.args, run.budget, run.out, run.start_epoch, run.start_step
+    checkpoints, config = ckpt.RunCheckpoints(out, args.saveckp_freq), budget.config(args)
+    while epoch < budget.epochs:
         run.loader.sampler.set_epoch(epoch)
         run.loader.sampler.skip = step * args.batch_size_per_gpu  # a run stopped mid-epoch resumes at its next batch
         dino.student.train()
@@ -150,28 +169,21 @@ def fit(dino, run, stop):
         if row is None:  # a non-finite loss: stop before anything is written
             return 1
         step += row["steps"]
-        done = step == run.niter
-        if done and args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+        done, last = step == budget.niter, epoch + 1 == budget.epochs
+        if done and budget.eval_every and ((epoch + 1) % budget.eval_every == 0 or last):
             res = knn.evaluate(dino.teacher.backbone, args.data_path, args.global_size, run.device, (20,),
                                batch_size=256, num_workers=run.workers, dtype=autocast_dtype(run.precision),
                                shrink=run.shrink)
             row["knn_top1"], row["knn_top5"] = res[20]
         if run.rank == 0:
-            due = not done or stop.requested or epoch + 1 == args.epochs \
-                or time.monotonic() - run.saved_at >= SAVE_EVERY_S
-            named = done and args.saveckp_freq and epoch % args.saveckp_freq == 0  # named as the official ones
-            state = checkpoint_state(dino, args, epoch + 1 if done else epoch, 0 if done else step) \
-                if due or named else None
-            if due:
-                ckpt.save_atomic(state, out / "checkpoint.pth")
-                run.saved_at = time.monotonic()
-            if named:
-                ckpt.save_atomic(state, out / f"checkpoint{epoch:04d}.pth")  # 0000: after the first epoch
+            state = ckpt.checkpoint_state(dino, config, epoch + 1 if done else epoch, 0 if done else step)
+            saved = checkpoints.save(state, epoch, done, last or stop.requested)
             if done:
-                log_epoch(row, epoch, run, dino.loss_fn, draw=due)
+                row.update(epoch=epoch, out_dim=args.out_dim, teacher_temp=dino.loss_fn.teacher_temp(epoch))
+                monitor.log_epoch(row, run.log_rows, out, draw=saved)
         if not done or stop.requested:  # stopped by a signal
             if run.rank == 0:
-                print(f"stopped at iteration {step}/{run.niter} of epoch {epoch}; saved {out / 'checkpoint.pth'}; "
+                print(f"stopped at iteration {step}/{budget.niter} of epoch {epoch}; saved {out / 'checkpoint.pth'}; "
                       f"the same command resumes", file=sys.stderr)
             return 0
         epoch, step = epoch + 1, 0
@@ -231,74 +243,6 @@ def train_one_epoch(dino, run, epoch, start_step, stop):
     return row
 
 
-def log_epoch(row, epoch, run, loss_fn, draw=True):
-    """A line of log.txt, curves.png redrawn (if `draw`), a line on the console, and plain words if it collapses."""
-    row.update(epoch=epoch, out_dim=run.args.out_dim, teacher_temp=loss_fn.teacher_temp(epoch))
-    run.log_rows.append(row)
-    with open(run.out / "log.txt", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    if draw:
-        monitor.plot_curves(run.log_rows, run.out / "curves.png")
-    knn_str = f", k-NN top-1 {row['knn_top1']:.1f}%" if "knn_top1" in row else ""
-    print(f"epoch {epoch}: loss {row['loss']:.4f}, h(P_t) {row['entropy']:.3f}, KL {row['kl']:.3f}, "
-          f"h(batch mean) {row['batch_entropy']:.2f}"
-          f"{knn_str}, {row['img_per_s']:.0f} img/s")
-    K = run.args.out_dim
-    msg = monitor.collapse_message(row["entropy"], row["kl"], K)
-    if not msg and not monitor.drift_message(run.log_rows[:-1], K):  # a drift is named once, when it starts
-        msg = monitor.drift_message(run.log_rows, K)
-    if msg:
-        print(msg, file=sys.stderr)
-
-
-def checkpoint_state(dino, args, epoch, step):
-    """Plain types only, so that torch.load(weights_only=True) reads it; keys as the official checkpoint."""
-    return {"student": unwrap(dino.student).state_dict(), "teacher": dino.teacher.state_dict(),
-            "optimizer": dino.optimizer.state_dict(), "dino_loss": dino.loss_fn.state_dict(),
-            "epoch": epoch, "step": step, "args": vars(args), "scaler": dino.scaler.state_dict()}
-
-
-# what a checkpoint's network and optimizer state are made for: a resumed run must have the same
-RESUME_FLAGS = ("arch", "patch_size", "global_size", "out_dim", "use_bn_in_head", "norm_last_layer", "optimizer")
-
-
-def read_checkpoint(path, args, same_data=False):
-    """A checkpoint_state from `path`, checked against this run's flags before anything is written: the same
-    RESUME_FLAGS, and when it stopped mid-epoch the same batch size (its step counts batches of that size).
-    With `same_data` (found in --output_dir, not named by --resume) also the same --data_path: a course run on
-    another folder with the same preset must not quietly continue the last one."""
-    state = ckpt.load_file(path)
-    if not isinstance(state, dict) or not {"student", "teacher", "optimizer", "dino_loss", "epoch"} <= set(state) \
-            or not all(isinstance(state.get(k, 0), int) and state.get(k, 0) >= 0 for k in ("epoch", "step")):
-        raise ckpt.CheckpointError(f"{path} is not a train.py checkpoint (needs student, teacher, optimizer, "
-                                   f"dino_loss, epoch); 06_knn.py and 07_attention.py take backbone files")
-    saved = state.get("args")
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved if isinstance(saved, dict) else {}
-    for name in RESUME_FLAGS + (("batch_size_per_gpu",) if state.get("step") else ()):
-        if name in saved and saved[name] != getattr(args, name):
-            why = " and stopped mid-epoch" if name == "batch_size_per_gpu" else ""
-            raise UsageError(f"{path} was trained with --{name} {saved[name]}{why}, this run has "
-                             f"{getattr(args, name)}; resume with the same flags, or start afresh with --resume none "
-                             f"or a new --output_dir")
-    where = lambda d: os.path.realpath(d) if os.path.isdir(d) else d  # a folder, or a built-in dataset's name
-    other = "data_path" in saved and where(saved["data_path"]) != where(args.data_path)
-    if same_data and other and (os.path.isdir(args.data_path) or args.data_path in data.BUILTIN):  # else: named later
-        raise UsageError(f"{path} was trained on --data_path {saved['data_path']}, this run reads {args.data_path}; "
-                         f"give this run its own --output_dir (or, to continue that run on this data, --resume {path})")
-    return state
-
-
-def load_checkpoint(state, path, dino):
-    """Restore a checkpoint_state into `dino`; returns its (epoch, step). Any key mismatch is an error."""
-    ckpt.load_strict(dino.student, state["student"], f"{path} (student)")
-    ckpt.load_strict(dino.teacher, state["teacher"], f"{path} (teacher)")
-    ckpt.load_strict(dino.loss_fn, state["dino_loss"], f"{path} (dino_loss)")
-    dino.optimizer.load_state_dict(state["optimizer"])
-    if state.get("scaler"):
-        dino.scaler.load_state_dict(state["scaler"])
-    return state["epoch"], state.get("step", 0)
-
-
 # ---------------------------------------------------------------------------- building a run
 def build_models(args):
     """Student and teacher: the same backbone + head; stochastic depth in the student only."""
@@ -324,24 +268,77 @@ def params_groups(model):
 
 
 def fit_to_budget(args, batches):
-    """With --steps N, about N iterations whatever the dataset's size: more epochs than --epochs on a small
-    dataset, epochs cut to N / --epochs batches of a fresh shuffle on a large one. Warm-up and evaluation
-    keep their share of the run. Returns the iterations per epoch."""
+    """The Budget of a run whose epochs have `batches` batches. With --steps N, about N iterations whatever the
+    dataset's size: more epochs than --epochs on a small dataset, epochs cut to N / --epochs batches of a fresh
+    shuffle on a large one. Warm-up, the frozen last layer and evaluation keep their share of the run."""
     if not args.steps:
-        return batches
+        return Budget(args.epochs, batches, args.warmup_epochs, args.warmup_teacher_temp_epochs,
+                      args.freeze_last_layer, args.eval_every)
     epochs = max(args.epochs, round(args.steps / batches))
     scale = epochs / args.epochs
-    args.warmup_epochs = round(args.warmup_epochs * scale)
-    args.warmup_teacher_temp_epochs = round(args.warmup_teacher_temp_epochs * scale)
-    args.freeze_last_layer = round(args.freeze_last_layer * scale)
-    # rounded up: every 3 of 6 epochs is every 21 of 41 (k-NN at epochs 20 and 40), not 20 (19, 39 and 40)
-    args.eval_every = -(-args.eval_every * epochs // args.epochs)
-    args.epochs = epochs
-    return min(batches, round(args.steps / epochs))
+    # eval_every rounded up: every 3 of 6 epochs is every 21 of 41 (k-NN at epochs 20 and 40), not 20 (19, 39, 40)
+    return Budget(epochs, min(batches, round(args.steps / epochs)), round(args.warmup_epochs * scale),
+                  round(args.warmup_teacher_temp_epochs * scale), round(args.freeze_last_layer * scale),
+                  -(-args.eval_every * epochs // args.epochs))
 
 
 def autocast_dtype(precision):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def build_data(args, device, rank, world):
+    """The training set and its loader, (dataset, loader, shrink, workers). One sample = the 2 + N crops of one
+    image. By default the recipe is split (multicrop_fast.py): decode, crops and flips per image in the workers
+    (uint8), the colour operations batched where the model runs (in the workers on a CPU-only run);
+    --reference_mode runs the whole recipe per image in PIL, as the official code. Files far larger than these
+    crops need (phone photos for 32 px crops) are decoded once, shrunk to `shrink` px and kept in memory (not in
+    --reference_mode): every crop and the evaluation's resize still come from twice their pixels."""
+    crop_args = (tuple(args.global_crops_scale), tuple(args.local_crops_scale), args.local_crops_number,
+                 args.global_size, args.local_size)
+    if args.reference_mode:
+        transform, augment, read, shrink = multicrop.DataAugmentationDINO(*crop_args), None, None, None
+    else:
+        transform = multicrop_fast.DataAugmentationDINOSplit(*crop_args)
+        augment, read = transform.photometric, images.path_if_jpeg
+        shrink = images.shrink_side(
+            [(args.global_size, args.global_crops_scale[0]), (knn.eval_resize(args.global_size), None)] +
+            [(args.local_size, args.local_crops_scale[0])] * bool(args.local_crops_number))
+    dataset = data.build_dataset(args.data_path, "pretrain", transform, loader=read, shrink=shrink)
+    if len(dataset) < args.batch_size_per_gpu * world:
+        raise UsageError(f"the dataset has {len(dataset)} images, fewer than one batch of "
+                         f"{args.batch_size_per_gpu * world} (batches are full, drop_last); lower --batch_size_per_gpu")
+    workers = min(args.num_workers, os.cpu_count() or 1)
+    if device.type == "cpu":  # the augmentation workers need cores too
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers)))
+    loader = training_loader(dataset, args.batch_size_per_gpu, workers, args.seed, rank, world, device, augment)
+    return dataset, loader, shrink, workers
+
+
+def build_dino(args, budget, device, precision, world):
+    """Student and teacher on the device, the loss with its centre, the optimizer and the schedules."""
+    student, teacher = build_models(args)
+    if world > 1 and device.type == "cuda" and args.use_bn_in_head:  # BatchNorm statistics of the global batch
+        student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
+    student, teacher = student.to(device), teacher.to(device)
+    for m in list(student.modules()) + list(teacher.modules()):
+        if args.reference_mode and isinstance(m, (vits.Attention, vits.PatchEmbed)):
+            m.fused = False  # the official computations
+        if device.type == "cpu" and precision != "fp32" and isinstance(m, vits.Attention):
+            m.fused = False  # PyTorch's CPU flash-attention backward is slower in bf16 than the explicit softmax
+    loss_fn = losses.DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp,
+                              args.teacher_temp, budget.warmup_teacher_temp_epochs, budget.epochs).to(device)
+    opt_kw = {"fused": True} if device.type in ("cuda", "cpu") else {}  # one kernel for all parameters
+    optimizer = (torch.optim.AdamW(params_groups(student), **opt_kw) if args.optimizer == "adamw" else
+                 torch.optim.SGD(params_groups(student), lr=0, momentum=0.9))
+    epochs, niter, total_batch = budget.epochs, budget.niter, args.batch_size_per_gpu * world
+    schedule = Schedules(
+        lr=ema.cosine_scheduler(args.lr * total_batch / 256, args.min_lr, epochs, niter, budget.warmup_epochs),
+        wd=ema.cosine_scheduler(args.weight_decay, args.weight_decay_end, epochs, niter),
+        momentum=ema.cosine_scheduler(args.momentum_teacher, 1.0, epochs, niter))
+    dtype = autocast_dtype(precision)
+    return DINO(student, teacher, loss_fn, optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                schedule, torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
+                args.clip_grad, budget.freeze_last_layer)
 
 
 def setup(args):
@@ -350,238 +347,37 @@ def setup(args):
     rank, world, local_rank = runtime.init_distributed()
     device = runtime.pick_device(local_rank)
     cuda = device.type == "cuda"
-    if args.reference_mode:
-        args.precision, args.compile = ("fp16" if cuda else "fp32"), False
-    precision = args.precision if args.precision != "auto" else runtime.auto_precision(device)
-    use_compile = cuda if args.compile is None else args.compile
+    if args.reference_mode:  # the official computations: fp16 with a GradScaler on GPUs, eager
+        precision, use_compile = ("fp16" if cuda else "fp32"), False
+    else:
+        precision = args.precision if args.precision != "auto" else runtime.auto_precision(device)
+        use_compile = cuda if args.compile is None else args.compile
     resume = check_args(args)  # (path, state) of the checkpoint to continue from, or None
     runtime.seed_everything(args.seed)  # the same initial weights on every rank: the teacher is copied before DDP
-    out = Path(args.output_dir)
-    benchmarking = args.benchmark or args.benchmark_data
-
-    # data: one sample = the 2 + N crops of one image. By default the recipe is split: decode, crops and flips
-    # per image in the workers (uint8), the colour operations batched where the model runs (in the workers on
-    # a CPU-only run); --reference_mode runs the whole recipe per image in PIL, as the official code.
-    crop_args = (tuple(args.global_crops_scale), tuple(args.local_crops_scale), args.local_crops_number,
-                 args.global_size, args.local_size)
-    if args.reference_mode:
-        transform, augment, loader = multicrop.DataAugmentationDINO(*crop_args), None, None
-    else:
-        transform = multicrop.DataAugmentationDINOSplit(*crop_args)
-        augment, loader = transform.photometric, data.path_if_jpeg
-    # files far larger than these crops need (phone photos for 32 px crops) are decoded once, shrunk, and kept
-    # in memory (not in --reference_mode): every crop and the evaluation's resize still come from twice their pixels
-    shrink = None if args.reference_mode else data.shrink_side(
-        [(args.global_size, args.global_crops_scale[0]), (knn.eval_resize(args.global_size), None)] +
-        [(args.local_size, args.local_crops_scale[0])] * bool(args.local_crops_number))
-    dataset = data.build_dataset(args.data_path, "pretrain", transform, loader=loader, shrink=shrink)
-    total_batch = args.batch_size_per_gpu * world
-    if len(dataset) < total_batch:
-        raise UsageError(f"the dataset has {len(dataset)} images, fewer than one batch of {total_batch} "
-                         f"(batches are full, drop_last); lower --batch_size_per_gpu")
-    workers = min(args.num_workers, os.cpu_count() or 1)
-    if device.type == "cpu":  # the augmentation workers need cores too
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers)))
-    loader = data.training_loader(dataset, args.batch_size_per_gpu, workers, args.seed, rank, world, device, augment)
-    niter = fit_to_budget(args, len(loader))
-    if args.eval_every and not data.has_val(args.data_path):
+    dataset, loader, shrink, workers = build_data(args, device, rank, world)
+    budget = fit_to_budget(args, len(loader))
+    if budget.eval_every and not data.has_val(args.data_path):
         print(f"note: {args.data_path} has no val/ folder, so there is no k-NN evaluation during training",
               file=sys.stderr)
-        args.eval_every = 0
-    elif args.eval_every and args.data_path not in data.BUILTIN:  # a val class train lacks: now, not epochs later
+        budget = dataclasses.replace(budget, eval_every=0)
+    elif budget.eval_every and args.data_path not in data.BUILTIN:  # a val class train lacks: now, not epochs later
         knn.match_classes(dataset, data.build_dataset(args.data_path, "val"))  # dataset is train/ here
-
-    # models, loss, optimizer, schedules
-    student, teacher = build_models(args)
-    if world > 1 and cuda and args.use_bn_in_head:  # BatchNorm statistics over the global batch, as official
-        student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
-    student, teacher = student.to(device), teacher.to(device)
-    for m in list(student.modules()) + list(teacher.modules()):
-        if args.reference_mode and isinstance(m, (vits.Attention, vits.PatchEmbed)):
-            m.fused = False  # the official computations
-        if device.type == "cpu" and precision != "fp32" and isinstance(m, vits.Attention):
-            m.fused = False  # PyTorch's CPU flash-attention backward is ~9x slower in bf16 than the explicit softmax
-    loss_fn = losses.DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp,
-                              args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(device)
-    opt_kw = {"fused": True} if device.type in ("cuda", "cpu") else {}  # one kernel for all parameters
-    optimizer = (torch.optim.AdamW(params_groups(student), **opt_kw) if args.optimizer == "adamw" else
-                 torch.optim.SGD(params_groups(student), lr=0, momentum=0.9))
-    schedule = Schedules(
-        lr=ema.cosine_scheduler(args.lr * total_batch / 256, args.min_lr, args.epochs, niter, args.warmup_epochs),
-        wd=ema.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter),
-        momentum=ema.cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter))
-    dtype = autocast_dtype(precision)
-    dino = DINO(student, teacher, loss_fn, optimizer, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-                schedule, torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext(),
-                args.clip_grad, args.freeze_last_layer)
-    run = Run(args, device, precision, use_compile, rank, world, loader, niter, workers, out, shrink, log_rows=[])
-
+    dino = build_dino(args, budget, device, precision, world)
+    out = Path(args.output_dir)
+    run = Run(args, budget, device, precision, use_compile, rank, world, loader, workers, out, shrink, log_rows=[])
     if resume:
         path, state = resume
-        run.start_epoch, run.start_step = load_checkpoint(state, path, dino)
-        if run.start_step >= niter:  # stopped mid-epoch, with epochs of another length (--steps or the data)
-            raise UsageError(f"{path} stopped at iteration {run.start_step} of an epoch, and this run's epochs have "
-                             f"{niter}; resume with the flags it was made with, or start afresh with --resume none "
-                             f"or a new --output_dir")
-        log_file = out / "log.txt"
-        rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()] \
-            if log_file.exists() else []
-        run.log_rows = [r for r in rows if r["epoch"] < run.start_epoch]
-        if len(run.log_rows) < len(rows) and rank == 0:  # epochs logged after the checkpoint are trained again
-            tmp = log_file.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in run.log_rows))
-            os.replace(tmp, log_file)
+        run.start_epoch, run.start_step = ckpt.load_checkpoint(state, path, dino, budget.niter)
+        run.log_rows = monitor.read_log(out / "log.txt", run.start_epoch, rewrite=rank == 0)
         run.resumed_from = path if run.start_epoch or run.start_step else None
     if use_compile:  # in place: state-dict keys stay the same; one graph per crop resolution
-        for m in (student.backbone, student.head, teacher.backbone, teacher.head):
+        for m in (dino.student.backbone, dino.student.head, dino.teacher.backbone, dino.teacher.head):
             m.compile(dynamic=False)
     if world > 1:
-        dino.student = nn.parallel.DistributedDataParallel(student, device_ids=[local_rank] if cuda else None)
-    if rank == 0 and not benchmarking:  # last: bad input, found above, creates nothing
+        dino.student = nn.parallel.DistributedDataParallel(dino.student, device_ids=[local_rank] if cuda else None)
+    if rank == 0 and not (args.benchmark or args.benchmark_data):  # last: bad input, found above, creates nothing
         runtime.check_writable(out)
     return dino, run
-
-
-# ---------------------------------------------------------------------------- arguments
-# A small recipe for a 2-core CPU (5-6 minutes with its k-NN evaluations in bf16 on a CPU with AMX, about 10 in fp32
-# elsewhere: 10 min 31 s on digits): patch 8 on 32 px crops (4 x 4 patches) and 2 local crops keep a step cheap;
-# batch 64 gives more steps in the time; K = 256 prototypes (about 20 images per prototype on 5000 images, as 65536
-# on ImageNet); a low teacher temperature (0.02: at 0.04 the teacher drifted to uniform, h(P_t) 5.2 of log K = 5.55,
-# k-NN 60.8 % after 3 epochs against 82.1 %) and momentum 0.99. BatchNorm in the head (an official option, off for
-# ViTs): the CLS features of a freshly initialised ViT point alike (mean pairwise cosine 0.62 on textures, still
-# 0.61 after the head, 0.18 with BatchNorm); without it the teacher's output stayed near uniform and k-NN reached
-# 48.7 % against 87.0 % (44.2 % at random init). A budget of 1440 steps, not epochs (--steps): a folder of 1,438
-# images gets as many updates as one of 5,000 (65 epochs instead of 18) and a folder of 50,000 stops in time (6
-# epochs of 240 steps). Steps are what small folders need most: on digits 480 / 960 / 1440 steps gave 62.4 / 75.5 /
-# 83.0 % k-NN (54.6 % at random init). That leaves no room for a 10-epoch lr warm-up or a frozen last layer, so:
-# warm-up over the first sixth of the run to lr 2e-3, no freezing, no stochastic depth in a 6-block ViT, and local
-# crops of at least 10 % of the image (5 % of 32 x 32 px is a 7 px patch). Explicit flags still override it.
-PRESETS = {
-    "cpu_course": dict(arch="vit_nano", patch_size=8, data_path="textures", global_size=32, local_size=16,
-                       local_crops_number=2, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.1, 0.4),
-                       out_dim=256, use_bn_in_head=True, batch_size_per_gpu=64, epochs=6, steps=1440,
-                       warmup_epochs=1, lr=2e-3, min_lr=1e-5,
-                       momentum_teacher=0.99, warmup_teacher_temp=0.02, teacher_temp=0.02,
-                       warmup_teacher_temp_epochs=0, freeze_last_layer=0, drop_path_rate=0.0, num_workers=1,
-                       eval_every=3, saveckp_freq=0, output_dir="runs/cpu_course"),
-}
-
-
-def get_args_parser():
-    p = cmdline.Parser("DINO", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="a named set of defaults (explicit flags still win)")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit_small", choices=list(vits.ARCHS))
-    g.add_argument("--patch_size", "--patch", type=cmdline.patch_size, default=16,
-                   help="smaller patches: better features, quadratically more tokens; "
-                        "with patches < 16 the authors train in fp32 (fp16 overflows), bf16 is fine")
-    g.add_argument("--out_dim", type=cmdline.number(int, lambda k: 1 <= k <= 2 ** 20, "an integer in [1, 2^20]"),
-                   default=65536, help="K, the number of prototypes; 1024-8192 converges faster on small datasets")
-    g.add_argument("--norm_last_layer", type=cmdline.bool_flag, default=True,
-                   help="unit-norm prototypes: more stable; False improves ViT-S but can diverge")
-    g.add_argument("--momentum_teacher", type=cmdline.probability, default=0.996,
-                   help="m_0, cosine to 1 over training; raise it (0.9995) for small batches (256)")
-    g.add_argument("--use_bn_in_head", type=cmdline.bool_flag, default=False,
-                   help="BatchNorm in the head: official default for ResNets; the course preset's small ViT needs it")
-    g.add_argument("--drop_path_rate", type=cmdline.below_one, default=0.1, help="stochastic depth, student only")
-    g = p.add_argument_group("temperatures")
-    g.add_argument("--warmup_teacher_temp", type=cmdline.positive_float, default=0.04,
-                   help="tau_t at the start; too high and training does not start, so start low")
-    g.add_argument("--teacher_temp", type=cmdline.positive_float, default=0.04,
-                   help="tau_t after warm-up; above 0.07 is unstable; 0.07 with warm-up is the 'boosted' recipe")
-    g.add_argument("--warmup_teacher_temp_epochs", type=cmdline.nonneg_int, default=0,
-                   help="epochs of linear tau_t warm-up (30 in the boosted recipe)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 on CUDA and on CPUs with AMX (no loss scaling needed), fp32 elsewhere; "
-                        "fp16 adds a GradScaler")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile student and teacher; default on for CUDA, off elsewhere")
-    g.add_argument("--weight_decay", type=cmdline.nonneg_float, default=0.04,
-                   help="start of the cosine weight-decay schedule")
-    g.add_argument("--weight_decay_end", type=cmdline.nonneg_float, default=0.4,
-                   help="end of the schedule: a larger wd late in training helps ViTs")
-    g.add_argument("--clip_grad", type=cmdline.nonneg_float, default=3.0,
-                   help="max gradient norm per parameter tensor (not global); 0 disables")
-    g.add_argument("--batch_size_per_gpu", type=cmdline.positive_int, default=64, help="images per process and step")
-    g.add_argument("--epochs", type=cmdline.positive_int, default=100, help="passes over the training set")
-    g.add_argument("--steps", type=cmdline.nonneg_int, default=0,
-                   help="if > 0, a budget of about this many iterations: sets the epochs from the dataset's size "
-                        "(at least --epochs; shorter epochs on large datasets), warm-up and evaluation in proportion")
-    g.add_argument("--freeze_last_layer", type=cmdline.nonneg_int, default=1,
-                   help="epochs during which the prototypes get no gradient: eases the start")
-    g.add_argument("--lr", type=cmdline.positive_float, default=5e-4,
-                   help="peak lr at a total batch of 256, scaled linearly with the total batch")
-    g.add_argument("--warmup_epochs", type=cmdline.nonneg_int, default=10, help="linear lr warm-up from 0")
-    g.add_argument("--min_lr", type=cmdline.nonneg_float, default=1e-6, help="lr at the end of the cosine decay")
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
-                   help="adamw is the paper's choice for ViTs; sgd (momentum 0.9) for convnets")
-    g = p.add_argument_group("multi-crop")
-    g.add_argument("--global_crops_scale", type=cmdline.fraction, nargs=2, action=cmdline.OrderedPair,
-                   default=(0.4, 1.0),
-                   help="area range of the 2 global crops; (0.14, 1) when there are no local crops")
-    g.add_argument("--local_crops_number", type=cmdline.nonneg_int, default=8, help="0 disables multi-crop")
-    g.add_argument("--local_crops_scale", type=cmdline.fraction, nargs=2, action=cmdline.OrderedPair,
-                   default=(0.05, 0.4),
-                   help="area range of the local crops: small parts of the image")
-    g.add_argument("--global_size", type=cmdline.positive_int, default=224, help="side of the global crops in pixels")
-    g.add_argument("--local_size", type=cmdline.positive_int, default=96, help="side of the local crops in pixels")
-    g = p.add_argument_group("data, output, runtime")
-    g.add_argument("--data_path", default="textures",
-                   help=f"an ImageFolder directory (its train/ when present) or one of {', '.join(data.BUILTIN)}")
-    g.add_argument("--output_dir", default="runs/dino", help="checkpoints, log.txt, curves.png")
-    g.add_argument("--saveckp_freq", type=cmdline.nonneg_int, default=20,
-                   help="also keep checkpointNNNN.pth after epochs 0, N, 2N, ... (NNNN counts from 0, as official)")
-    g.add_argument("--resume", default="auto",
-                   help="'auto': continue from output_dir/checkpoint.pth if it exists; a path; or 'none'")
-    g.add_argument("--eval_every", type=cmdline.nonneg_int, default=0, help="k-NN evaluation every N epochs (0: never)")
-    g.add_argument("--seed", type=cmdline.seed, default=0, help="initial weights, data order and crops all follow it")
-    g.add_argument("--num_workers", type=cmdline.nonneg_int, default=10, help="data-loading processes per GPU")
-    g.add_argument("--log_freq", type=cmdline.positive_int, default=10,
-                   help="steps between progress updates (each one syncs)")
-    g = p.add_argument_group("speed")
-    g.add_argument("--benchmark", type=cmdline.nonneg_int, default=0, metavar="N",
-                   help="time N training steps on synthetic batches and exit")
-    g.add_argument("--benchmark_data", type=cmdline.nonneg_int, default=0, metavar="N",
-                   help="time N training steps with the real data loader and exit")
-    g.add_argument("--reference_mode", action="store_true",
-                   help="the official recipe for comparison (overrides --precision and --compile): fp16 + GradScaler "
-                        "on CUDA (fp32 on CPU), eager, explicit attention, convolutional patch embedding, the "
-                        "whole multi-crop per image in PIL")
-    return p
-
-
-def parse_args(argv=None):
-    parser = get_args_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.preset:
-        parser.set_defaults(**PRESETS[known.preset])
-    return parser.parse_args(argv)
-
-
-def check_args(args):
-    """The rules across flags (each flag's own range is its argparse type), run before anything is written.
-    Returns the checkpoint this run continues from, (path, state) checked against the flags, or None."""
-    for name in ("global_size", "local_size"):
-        if getattr(args, name) % args.patch_size:
-            raise UsageError(f"--patch_size {args.patch_size} does not divide --{name} {getattr(args, name)}; "
-                             f"choose crop sizes that are multiples of the patch size")
-        if getattr(args, name) // args.patch_size > knn.MAX_SIDE:
-            raise UsageError(f"--{name} {getattr(args, name)} is {getattr(args, name) // args.patch_size} patches "
-                             f"of {args.patch_size} px per side, more than {knn.MAX_SIDE}; lower it or raise "
-                             f"--patch_size")
-    if args.warmup_epochs > args.epochs or args.warmup_teacher_temp_epochs > args.epochs:
-        raise UsageError(f"--warmup_epochs ({args.warmup_epochs}) and --warmup_teacher_temp_epochs "
-                         f"({args.warmup_teacher_temp_epochs}) cannot exceed --epochs ({args.epochs}); lower them")
-    if args.benchmark or args.benchmark_data:  # nothing is read from or written to --output_dir
-        return None
-    cmdline.check_output_dir(args.output_dir)
-    checkpoint = Path(args.output_dir) / "checkpoint.pth"
-    if args.resume == "none" or (args.resume == "auto" and not checkpoint.exists()):
-        return None
-    path = checkpoint if args.resume == "auto" else Path(args.resume)
-    return path, read_checkpoint(path, args, same_data=args.resume == "auto")
 
 
 # ---------------------------------------------------------------------------- main
@@ -590,17 +386,19 @@ def main(args):
     if args.benchmark or args.benchmark_data:
         return benchmark.measure(train_step, dino, run)
     if run.rank == 0:
-        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+        config, given = run.budget.config(args), vars(args)
+        print("\n".join(f"{k}: {v}" + (f" (computed; --{k} {given[k]})" if v != given[k] else "")
+                        for k, v in sorted(config.items())))
         print(f"device {run.device}, precision {run.precision}, compile {run.compiled}, "
               f"{run.world} process(es), {run.niter} iterations per epoch")
-        ckpt.save_json(vars(args), run.out / "config.json")
+        ckpt.save_json(config, run.out / "config.json")
         if run.resumed_from:
             print(f"resumed from {run.resumed_from} at epoch {run.start_epoch}, iteration {run.start_step}")
-        if run.start_epoch >= args.epochs:
-            print(f"nothing to train: {run.resumed_from} has all {args.epochs} epochs; raise --epochs to train on, "
-                  f"or give a new run its own --output_dir")
+        if run.start_epoch >= run.budget.epochs:
+            print(f"nothing to train: {run.resumed_from} has all {run.budget.epochs} epochs; raise --epochs to train "
+                  f"on, or give a new run its own --output_dir")
     stop = runtime.Stop()
-    handlers = {sig: signal.signal(sig, stop) for sig in data.STOP_SIGNALS}
+    handlers = {sig: signal.signal(sig, stop) for sig in runtime.STOP_SIGNALS}
     try:
         return fit(dino, run, stop)
     finally:

@@ -29,7 +29,7 @@ def work(tmp_path_factory):
     make_image_folder(root / "data", (0, 1), {"train": 4, "val": 2})
     dino, run = train.setup(train.parse_args(TINY + ["--data_path", str(root / "data"), "--output_dir",
                                                      str(root / "run"), "--resume", "none"]))
-    torch.save(train.checkpoint_state(dino, run.args, 1, 0), root / "checkpoint.pth")
+    torch.save(train.ckpt.checkpoint_state(dino, run.budget.config(run.args), 1, 0), root / "checkpoint.pth")
     Image.open(root / "data" / "val" / "hstripes" / "0.png").save(root / "image.jpg")
     return root
 

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import ROOT, load
 
-benchmark, train, data = load("benchmark"), load("train"), load("data")
+benchmark, train, makers = load("benchmark"), load("train"), load("makers")
 vits, heads = load("02_vit"), load("03_head")
 
 LINE = re.compile(r"benchmark: ([\d.]+) img/s, ([\d.]+) ms/step, peak memory (\d+) MiB, ([\d.e+-]+) TFLOP/s model FLOPs")
@@ -60,8 +60,8 @@ def test_photos_folder_is_imagenet_like_and_deterministic(photos, tmp_path):
     assert len({p.parent.name for p in files}) == 10
     sizes = {Image.open(p).size for p in files}
     assert sizes == {(500, 375), (375, 500)}
-    assert "jpegs" in data.MAKERS
-    data.MAKERS["jpegs"](tmp_path)  # the same bytes again
+    assert "jpegs" in makers.MAKERS
+    makers.MAKERS["jpegs"](tmp_path)  # the same bytes again
     assert all((tmp_path / p.relative_to(photos)).read_bytes() == p.read_bytes() for p in files[::37])
 
 

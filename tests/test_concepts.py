@@ -16,6 +16,7 @@ from conftest import load
 
 multicrop, vit_mod, head_mod, loss_mod, ema_mod = (load(n) for n in
                                                     ("01_multicrop", "02_vit", "03_head", "04_loss", "05_teacher_ema"))
+fast = load("multicrop_fast")
 
 
 # ---------------------------------------------------------------- 01 multi-crop
@@ -25,15 +26,19 @@ def test_multicrop_shapes_and_order():
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 6
 
 
-def test_same_seed_same_crops_even_with_python_random_disturbed():
-    aug = multicrop.DataAugmentationDINO(local_crops_number=2, global_size=48, local_size=24)
+def three_draws(aug):
+    """aug on the sample photograph with torch's seed 3, 3 again (Python's `random` seeded otherwise) and 4."""
     img = multicrop.sample_image()
     torch.manual_seed(3); random.seed(1)
     a = aug(img)
     torch.manual_seed(3); random.seed(2)
     b = aug(img)
     torch.manual_seed(4)
-    c = aug(img)
+    return a, b, aug(img)
+
+
+def test_same_seed_same_crops_even_with_python_random_disturbed():
+    a, b, c = three_draws(multicrop.DataAugmentationDINO(local_crops_number=2, global_size=48, local_size=24))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
 
@@ -71,22 +76,22 @@ def photo(w=48, h=40):
 
 def test_batched_colour_ops_match_torchvision_per_sample():
     x = torch.cat([TF.to_tensor(photo())[None], torch.rand(3, 3, 40, 48), torch.full((1, 3, 40, 48), 0.5)])
-    ops = [(multicrop.adjust_brightness, TF.adjust_brightness, (0.6, 1.0, 1.4)),
-           (multicrop.adjust_contrast, TF.adjust_contrast, (0.6, 1.0, 1.4)),
-           (multicrop.adjust_saturation, TF.adjust_saturation, (0.8, 1.0, 1.2)),
-           (multicrop.adjust_hue, TF.adjust_hue, (-0.1, 0.0, 0.1, -0.5, 0.5))]
+    ops = [(fast.adjust_brightness, TF.adjust_brightness, (0.6, 1.0, 1.4)),
+           (fast.adjust_contrast, TF.adjust_contrast, (0.6, 1.0, 1.4)),
+           (fast.adjust_saturation, TF.adjust_saturation, (0.8, 1.0, 1.2)),
+           (fast.adjust_hue, TF.adjust_hue, (-0.1, 0.0, 0.1, -0.5, 0.5))]
     for ours, theirs, values in ops:
         f = torch.tensor(values)[torch.arange(len(x)) % len(values)]  # a different factor per sample
         ref = torch.stack([theirs(xi, fi.item()) for xi, fi in zip(x, f)])
         assert (ours(x, f) - ref).abs().max() < 1e-5, ours.__name__
-    assert torch.equal(multicrop.grayscale(x), TF.rgb_to_grayscale(x, num_output_channels=3))
+    assert torch.equal(fast.grayscale(x), TF.rgb_to_grayscale(x, num_output_channels=3))
     sigma = torch.tensor([0.1, 0.7, 1.3, 2.0, 0.4])
     ref = torch.stack([TF.gaussian_blur(xi, [13, 13], [s.item()] * 2) for xi, s in zip(x, sigma)])
-    assert (multicrop.gaussian_blur(x, sigma, 13) - ref).abs().max() < 1e-5
-    assert torch.equal(multicrop.solarize(x), TF.solarize(x, 128 / 255))
+    assert (fast.gaussian_blur(x, sigma, 13) - ref).abs().max() < 1e-5
+    assert torch.equal(fast.solarize(x), TF.solarize(x, 128 / 255))
     levels = torch.arange(256, dtype=torch.uint8)  # on 8-bit values exactly PIL's solarize, as in DataAugmentationDINO
     pil = np.array(ImageOps.solarize(Image.fromarray(levels.numpy()[None].repeat(3, 0)), 128))[0]
-    assert torch.equal((multicrop.solarize(levels / 255) * 255).round().byte(), torch.from_numpy(pil))
+    assert torch.equal((fast.solarize(levels / 255) * 255).round().byte(), torch.from_numpy(pil))
 
 
 def fixed_draws():
@@ -102,7 +107,7 @@ def test_fixed_draws_give_torchvisions_composition_and_pils_within_rounding():
     img = photo()
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].repeat(3, 1, 1, 1)  # (3, 3, 40, 48) uint8
     p = fixed_draws()
-    out = multicrop.apply_photometric(x, p, kernel_size=13)
+    out = fast.apply_photometric(x, p, kernel_size=13)
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     std = torch.tensor(multicrop.IMAGENET_STD).view(3, 1, 1)
     for s in range(3):
@@ -124,7 +129,7 @@ def test_fixed_draws_give_torchvisions_composition_and_pils_within_rounding():
 
 
 def test_photometric_draws_have_the_papers_probabilities_and_ranges():
-    aug = multicrop.PhotometricAugmentation(local_crops_number=2, global_size=32, local_size=16)
+    aug = fast.PhotometricAugmentation(local_crops_number=2, global_size=32, local_size=16)
     g = torch.Generator().manual_seed(0)
     n = 4000
     p = default_collate([aug.sample(g) for _ in range(n)])  # (n, 4 views: g1, g2, l1, l2)
@@ -147,11 +152,11 @@ def test_photometric_draws_have_the_papers_probabilities_and_ranges():
     orders = [tuple(o) for o in p["order"].reshape(-1, 4).tolist()]
     counts = [orders.count(perm) for perm in itertools.permutations(range(4))]
     assert all(abs(c / len(orders) - 1 / 24) < 0.01 for c in counts)  # each of the 24 orders equally likely
-    assert multicrop.PhotometricAugmentation().kernel_size == [13, 13]  # +-3 sigma_max at the official sizes
+    assert fast.PhotometricAugmentation().kernel_size == [13, 13]  # +-3 sigma_max at the official sizes
 
 
 def test_split_recipe_crops_order_dtype_and_normalised_range():
-    aug = multicrop.DataAugmentationDINOSplit((0.4, 1.0), (0.05, 0.4), 6, global_size=32, local_size=16)
+    aug = fast.DataAugmentationDINOSplit((0.4, 1.0), (0.05, 0.4), 6, global_size=32, local_size=16)
     samples = [aug(Image.new("RGB", (50, 40), (120, 30, 200))) for _ in range(3)]
     assert [(tuple(c.shape), c.dtype) for c in samples[0][0]] == \
         [((3, 32, 32), torch.uint8)] * 2 + [((3, 16, 16), torch.uint8)] * 6
@@ -161,19 +166,13 @@ def test_split_recipe_crops_order_dtype_and_normalised_range():
     mean, std = torch.tensor(multicrop.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(multicrop.IMAGENET_STD).view(3, 1, 1)
     for c in out:  # pixels in [0, 1], normalised with ImageNet's mean and std
         assert ((c * std + mean).amin() >= -1e-6) and ((c * std + mean).amax() <= 1 + 1e-6)
-    official = multicrop.DataAugmentationDINOSplit()(photo(500, 375))[0]
+    official = fast.DataAugmentationDINOSplit()(photo(500, 375))[0]
     assert [tuple(c.shape) for c in official] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 8
 
 
 def test_split_recipe_is_seeded_and_a_crop_does_not_depend_on_its_batch():
-    aug = multicrop.DataAugmentationDINOSplit(local_crops_number=2, global_size=48, local_size=24)
-    img = multicrop.sample_image()
-    torch.manual_seed(3); random.seed(1)
-    a = aug(img)
-    torch.manual_seed(3); random.seed(2)
-    b = aug(img)
-    torch.manual_seed(4)
-    c = aug(img)
+    aug = fast.DataAugmentationDINOSplit(local_crops_number=2, global_size=48, local_size=24)
+    a, b, c = three_draws(aug)
     assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
     assert not torch.equal(a[0][0], c[0][0])
     batch = aug.photometric(*default_collate([a, c, b]))
@@ -184,10 +183,10 @@ def test_split_recipe_is_seeded_and_a_crop_does_not_depend_on_its_batch():
 
 def test_geometry_resamples_like_pil_bicubic_and_flips_half_the_time():
     img = photo(60, 30)  # aspect 2 at scale (1, 1): no box fits, so every crop is torchvision's central fallback
-    box = multicrop.random_resized_crop_box(60, 30, (1.0, 1.0), random.Random(0))
+    box = fast.random_resized_crop_box(60, 30, (1.0, 1.0), random.Random(0))
     i, j, h, w = transforms.RandomResizedCrop.get_params(img, (1.0, 1.0), (3 / 4, 4 / 3))
     assert box == (j, i, w, h) == (10, 0, 40, 30)
-    geometry = multicrop.MultiCropGeometry((1.0, 1.0), (1.0, 1.0), 0, global_size=32)
+    geometry = fast.MultiCropGeometry((1.0, 1.0), (1.0, 1.0), 0, global_size=32)
     pil = img.crop((10, 0, 50, 30)).resize((32, 32), Image.BICUBIC)
     pil = torch.from_numpy(np.array(pil)).permute(2, 0, 1).int()
     torch.manual_seed(0)
@@ -202,7 +201,7 @@ def test_geometry_resamples_like_pil_bicubic_and_flips_half_the_time():
 
 def test_crop_boxes_follow_random_resized_crop():
     rng, n = random.Random(0), 4000
-    ours = [multicrop.random_resized_crop_box(500, 375, (0.05, 0.4), rng) for _ in range(n)]
+    ours = [fast.random_resized_crop_box(500, 375, (0.05, 0.4), rng) for _ in range(n)]
     area = np.array([w * h for _, _, w, h in ours]) / (500 * 375)
     aspect = np.array([w / h for _, _, w, h in ours])
     assert area.min() > 0.045 and area.max() < 0.41 and aspect.min() > 0.74 and aspect.max() < 1.35
@@ -217,16 +216,16 @@ def test_crop_boxes_follow_random_resized_crop():
 def test_reduced_size_decoding_only_when_every_crop_keeps_its_pixels(tmp_path, monkeypatch):
     photo(1600, 1200).save(tmp_path / "big.jpg", quality=90)
     photo(500, 375).save(tmp_path / "imagenet_size.jpg", quality=90)
-    assert tuple(multicrop.load_pixels(Image.open(tmp_path / "big.jpg"), 2.5).shape) == (3, 600, 800)  # DCT / 2
-    assert tuple(multicrop.load_pixels(Image.open(tmp_path / "big.jpg"), 1.9).shape) == (3, 1200, 1600)
-    geometry = multicrop.MultiCropGeometry((0.4, 1.0), (0.3, 0.4), 2, 224, 96)
+    assert tuple(fast.load_pixels(Image.open(tmp_path / "big.jpg"), 2.5).shape) == (3, 600, 800)  # DCT / 2
+    assert tuple(fast.load_pixels(Image.open(tmp_path / "big.jpg"), 1.9).shape) == (3, 1200, 1600)
+    geometry = fast.MultiCropGeometry((0.4, 1.0), (0.3, 0.4), 2, 224, 96)
     torch.manual_seed(0)
     crops = geometry(tmp_path / "big.jpg")
     torch.manual_seed(0)  # the same boxes on the fully decoded image: crops differ only by the decoder's scaling
     full = geometry(Image.open(tmp_path / "big.jpg").convert("RGB"))
     assert all((a.float() - b.float()).abs().mean() < 3 for a, b in zip(crops, full))
     reductions = []
-    monkeypatch.setattr(multicrop, "load_pixels", lambda img, r: reductions.append(r) or torch.zeros(3, 375, 500,
+    monkeypatch.setattr(fast, "load_pixels", lambda img, r: reductions.append(r) or torch.zeros(3, 375, 500,
                                                                                                       dtype=torch.uint8))
     for seed in range(20):
         torch.manual_seed(seed)
@@ -234,6 +233,91 @@ def test_reduced_size_decoding_only_when_every_crop_keeps_its_pixels(tmp_path, m
         geometry(tmp_path / "imagenet_size.jpg")
     assert min(reductions[0::2]) >= 2  # 1600 x 1200: every crop here could be cut from a half-size decode
     assert max(reductions[1::2]) < 2  # the global crops need every pixel of an ImageNet-size image
+
+
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical distribution functions."""
+    a, b, grid = np.sort(a), np.sort(b), np.concatenate([a, b])
+    return np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
+
+
+def same_distribution(ours, theirs, alpha=1e-4):
+    """Whether two samples may come from one distribution: the KS statistic within its 1 - alpha quantile."""
+    n, m = len(ours), len(theirs)
+    return ks_distance(ours, theirs) <= math.sqrt(-math.log(alpha / 2) / 2 * (n + m) / (n * m))
+
+
+def test_split_recipe_cuts_the_same_crops_as_the_reference():
+    """Both recipes with their default scales, on an image whose pixels hold their own coordinates (red = x,
+    green = y): where each crop lies, how large, how elongated, and whether mirrored, seed after seed."""
+    W, H, n = 256, 192, 2000
+    x, y = np.meshgrid(np.arange(W), np.arange(H))
+    coords = Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8))
+    reference = multicrop.DataAugmentationDINO(local_crops_number=1, global_size=32, local_size=16)
+    geometry = fast.DataAugmentationDINOSplit(local_crops_number=1, global_size=32, local_size=16).geometry
+    # each view's own resized crop and flip, without its colour operations
+    views = [transforms.Compose(t.transforms[:1] + t.transforms[1].transforms[:1])
+             for t in (reference.global_transfo1, reference.global_transfo2, reference.local_transfo)]
+
+    def borders(crop):  # (left, right, top, bottom): the coordinates along the crop's borders
+        c = np.asarray(crop, dtype=np.float64) if isinstance(crop, Image.Image) else crop.permute(1, 2, 0).double().numpy()
+        return c[:, 0, 0].mean(), c[:, -1, 0].mean(), c[0, :, 1].mean(), c[-1, :, 1].mean()
+
+    theirs, ours = [], []
+    for seed in range(n):
+        torch.default_generator.manual_seed(seed)  # as torch.manual_seed, for the CPU only: cheaper
+        theirs.append([borders(view(coords)) for view in views])
+        torch.default_generator.manual_seed(seed)
+        ours.append([borders(crop) for crop in geometry(coords)])
+    for view in range(3):
+        stats = []
+        for b in (np.array(theirs)[:, view], np.array(ours)[:, view]):  # (n, 4)
+            width, height = np.abs(b[:, 1] - b[:, 0]), b[:, 3] - b[:, 2]
+            stats.append({"area": width * height / (W * H), "aspect": np.log(width / height),
+                          "centre x": (b[:, 0] + b[:, 1]) / 2, "centre y": (b[:, 2] + b[:, 3]) / 2,
+                          "mirrored": (b[:, 1] < b[:, 0]).astype(float)})
+        for k in stats[0]:
+            assert same_distribution(stats[1][k], stats[0][k]), (view, k)
+
+
+def test_split_recipe_colours_a_fixed_image_as_the_reference_does():
+    """Both recipes on one fixed image, whole (scale 1) and in horizontal bands (white, black, a colour, gray),
+    so that a flip changes nothing and only the photometric draws vary. Per view, seed after seed: how often a
+    crop is gray and how often solarized (nothing above half the range is left), the white band's mean level,
+    and the colour band's chroma and hue. The two blurs are different approximations of one Gaussian
+    (multicrop_fast's docstring), and PIL rounds to 8 bits after every operation: what is compared here is
+    what neither changes."""
+    bands = [(255, 255, 255)] * 8 + [(0, 0, 0)] * 8 + [(200, 60, 40)] * 8 + [(128, 128, 128)] * 8
+    img = Image.fromarray(np.array(bands, np.uint8)[:, None].repeat(32, 1))  # (32, 32, 3)
+    n, kw = 2000, dict(global_crops_scale=(1.0, 1.0), local_crops_scale=(1.0, 1.0), local_crops_number=1,
+                       global_size=32, local_size=16)
+    reference, split = multicrop.DataAugmentationDINO(**kw), fast.DataAugmentationDINOSplit(**kw)
+    theirs, samples = [], []
+    for seed in range(n):
+        torch.default_generator.manual_seed(seed)
+        theirs.append(reference(img))
+        torch.default_generator.manual_seed(seed)
+        samples.append(split(img))
+    ours = split.photometric(*default_collate(samples))  # [g1, g2, l1], each (n, 3, s, s)
+    mean, std = torch.tensor(multicrop.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(multicrop.IMAGENET_STD).view(3, 1, 1)
+
+    def z(a, b):  # the difference of two means in standard errors
+        return (a.mean() - b.mean()) / math.sqrt(a.var() / len(a) + b.var() / len(b) + 1e-12)
+
+    for view, size in enumerate((32, 32, 16)):
+        stats = []
+        for crops in (torch.stack([t[view] for t in theirs]), ours[view]):
+            x = (crops * std + mean).clamp(0, 1)  # (n, 3, s, s) in [0, 1]
+            white, _, colour, _ = (x[:, :, k * size // 4 + 1:(k + 1) * size // 4 - 1].mean((2, 3)) for k in range(4))
+            stats.append({"gray": ((x.amax(1) - x.amin(1)).amax((1, 2)) < 2 / 255).double(),
+                          "solarized": (x.amax((1, 2, 3)) <= 0.5 + 1 / 255).double(),
+                          "white": white.mean(1).double(), "chroma": colour.amax(1) - colour.amin(1),
+                          "hue": colour[:, 0] - colour[:, 1]})  # red against green: the hue shift's sign
+        theirs_, ours_ = stats
+        for k in ("gray", "solarized", "white"):
+            assert abs(z(ours_[k], theirs_[k])) < 4, (view, k)
+        for k in ("chroma", "hue"):
+            assert same_distribution(ours_[k].numpy(), theirs_[k].numpy()), (view, k)
 
 
 # ---------------------------------------------------------------- 02 ViT

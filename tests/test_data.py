@@ -6,7 +6,7 @@ import pytest
 
 from conftest import load
 
-data = load("data")
+data, images, makers = load("data"), load("images"), load("makers")
 
 
 def digest(root):
@@ -15,8 +15,8 @@ def digest(root):
 
 
 def test_digits_are_rebuilt_identically(tmp_path):
-    data.MAKERS["digits"](tmp_path / "a")
-    data.MAKERS["digits"](tmp_path / "b")
+    makers.MAKERS["digits"](tmp_path / "a")
+    makers.MAKERS["digits"](tmp_path / "b")
     a = digest(tmp_path / "a")
     assert a == digest(tmp_path / "b") and len(a) == 1797
     assert sum(k.startswith("val/") for k in a) == 359  # every fifth image
@@ -25,26 +25,26 @@ def test_digits_are_rebuilt_identically(tmp_path):
 
 
 def test_crops_of_real_photographs_are_rebuilt_identically(tmp_path):
-    for name, sources in (("photos", data._photos()), ("surfaces", data._gray_surfaces())):
+    for name, sources in (("photos", makers._photos()), ("surfaces", makers._gray_surfaces())):
         for copy in "ab":
-            data._write_crops(sources, tmp_path / name / copy, 5, (0.1, 0.3), "png")
+            makers._write_crops(sources, tmp_path / name / copy, 5, (0.1, 0.3), "png")
         a = digest(tmp_path / name / "a")
         assert a == digest(tmp_path / name / "b") and len(a) == 5 * len(sources)
-    assert len(data._photos()) == 11 and len(data._gray_surfaces()) == 7
+    assert len(makers._photos()) == 11 and len(makers._gray_surfaces()) == 7
     assert data.has_val(str(tmp_path / "photos" / "a")) and not data.has_val(str(tmp_path / "photos" / "a" / "train"))
 
 
 # ---------------------------------------------------------------------------- large files, small crops
 def test_every_crop_of_a_shrunk_image_keeps_twice_its_pixels():
     import random
-    multicrop = load("01_multicrop")
+    fast = load("multicrop_fast")
     views = [(32, 0.4), (16, 0.1)]  # the course preset's global and local crops
-    side = data.shrink_side(views + [(37, None)])
+    side = images.shrink_side(views + [(37, None)])
     assert side == 117
     rng = random.Random(0)
     for W, H in ((side, side), (side * 4 // 3, side), (side, side * 16 // 9)):  # the shorter side at `side`
         for size, smallest in views:
-            boxes = [multicrop.random_resized_crop_box(W, H, (smallest, 1.0), rng) for _ in range(2000)]
+            boxes = [fast.random_resized_crop_box(W, H, (smallest, 1.0), rng) for _ in range(2000)]
             assert min(min(w, h) for _, _, w, h in boxes) >= 2 * size - 1  # rounding of the box
 
 
@@ -58,9 +58,9 @@ def test_large_images_are_decoded_once_shrunk_and_crop_alike(tmp_path, capsys, m
             for i in range(3):
                 photo.rotate(90 * i).save(tmp_path / split / c / f"{i}.jpg", quality=95)
     (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # 4th of class a
-    side = data.shrink_side([(32, 0.4), (37, None)])  # 117 < 512 / 2
+    side = images.shrink_side([(32, 0.4), (37, None)])  # 117 < 512 / 2
     ds = data.build_dataset(str(tmp_path), "train", shrink=side)
-    assert isinstance(ds.loader, data.ShrunkImages) and ds[0][0].size == (side, side)
+    assert isinstance(ds.loader, images.ShrunkImages) and ds[0][0].size == (side, side)
     assert capsys.readouterr().err.count("7 train images are far larger") == 1
     with pytest.warns(UserWarning, match="broken.jpg"):  # a bad file is still skipped, with its name
         assert ds[3][0].size == (side, side)
@@ -92,15 +92,15 @@ def test_large_images_are_decoded_once_shrunk_and_crop_alike(tmp_path, capsys, m
 def test_a_photo_stored_sideways_is_turned_as_viewers_show_it(tmp_path):
     import torch
     from PIL import Image
-    multicrop = load("01_multicrop")
+    fast = load("multicrop_fast")
     upright = data.draw_texture(np.random.RandomState(0), 0, 64).crop((0, 0, 40, 64))  # portrait, 40 x 64
     exif = Image.Exif()
-    exif[data.ORIENTATION] = 6  # stored turned a quarter to the left, as phones store portrait photos
+    exif[images.ORIENTATION] = 6  # stored turned a quarter to the left, as phones store portrait photos
     upright.rotate(90, expand=True).save(tmp_path / "p.jpg", exif=exif, quality=95)
     assert Image.open(tmp_path / "p.jpg").size == (64, 40)
     img = data.open_image(tmp_path / "p.jpg")
     assert img.size == (40, 64) and np.abs(np.asarray(img, float) - np.asarray(upright, float)).mean() < 3
-    geometry = multicrop.MultiCropGeometry(local_crops_number=2, global_size=16, local_size=8)
+    geometry = fast.MultiCropGeometry(local_crops_number=2, global_size=16, local_size=8)
     torch.manual_seed(0)
     from_file = geometry(tmp_path / "p.jpg")  # the training path, which decodes JPEGs itself
     torch.manual_seed(0)

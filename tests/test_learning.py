@@ -5,12 +5,12 @@ import torch
 
 from conftest import load
 
-train, data, knn, vits, ckpt = load("train"), load("data"), load("06_knn"), load("02_vit"), load("checkpoint")
+train, makers, knn, vits, ckpt = load("train"), load("makers"), load("06_knn"), load("02_vit"), load("checkpoint")
 
 
 def test_course_preset_beats_random_init_on_real_photographs(tmp_path):
     folder = tmp_path / "photos"
-    data._write_crops(data._photos(), folder, 80, (0.15, 0.45), "jpg")  # 704 training, 176 validation crops
+    makers._write_crops(makers._photos(), folder, 80, (0.15, 0.45), "jpg")  # 704 training, 176 validation crops
     argv = ["--preset", "cpu_course", "--data_path", str(folder), "--output_dir", str(tmp_path / "run"),
             "--steps", "240", "--eval_every", "0"]  # a sixth of the preset's budget: 1-2 minutes on 2 cores
     assert train.main(train.parse_args(argv)) == 0

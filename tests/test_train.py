@@ -189,10 +189,12 @@ def test_drift_towards_a_collapse_is_named_before_it_happens():
 @pytest.mark.parametrize("batches,epochs,niter", [(78, 6, 78), (22, 22, 22), (13, 37, 13), (781, 6, 80)])
 def test_a_step_budget_gives_small_and_large_datasets_the_same_number_of_steps(batches, epochs, niter):
     args = train.parse_args(["--preset", "cpu_course", "--steps", "480"])  # 6 epochs, 1 of warm-up, k-NN every 3
-    assert train.fit_to_budget(args, batches) == niter and args.epochs == epochs
+    given = vars(args).copy()
+    budget = train.fit_to_budget(args, batches)
+    assert budget.niter == niter and budget.epochs == epochs and vars(args) == given  # the flags stay as given
     assert abs(epochs * niter - 480) <= niter / 2 + 1  # about the budget, whatever the dataset's size
-    assert args.warmup_epochs / args.epochs == pytest.approx(1 / 6, abs=0.03)  # warm-up keeps its share
-    evaluated = [e for e in range(epochs) if (e + 1) % args.eval_every == 0 or e + 1 == epochs]
+    assert budget.warmup_epochs / budget.epochs == pytest.approx(1 / 6, abs=0.03)  # warm-up keeps its share
+    evaluated = [e for e in range(epochs) if (e + 1) % budget.eval_every == 0 or e + 1 == epochs]
     assert len(evaluated) == 2 and evaluated[-1] == epochs - 1  # halfway (or just after) and at the end
 
 
@@ -222,7 +224,7 @@ def test_short_epochs_checkpoint_about_once_a_minute_and_a_crash_loses_no_log_ro
         save(state, path)
     monkeypatch.setattr(train.ckpt, "save_atomic", counted)
     monkeypatch.setattr(train.monitor, "plot_curves", lambda rows, path: draws.append(len(rows)) or plot(rows, path))
-    monkeypatch.setattr(train, "SAVE_EVERY_S", 1e9)  # every epoch ends within the minute
+    monkeypatch.setattr(train.ckpt, "SAVE_EVERY_S", 1e9)  # every epoch ends within the minute
     out, argv = tmp_path / "o", TINY + ["--data_path", str(folder), "--epochs", "4"]
     one_epoch = train.train_one_epoch
     def power_cut(dino, run, epoch, *a):
@@ -238,10 +240,10 @@ def test_short_epochs_checkpoint_about_once_a_minute_and_a_crash_loses_no_log_ro
     assert run(argv + ["--output_dir", str(out)]) == 0  # resumes after epoch 0: epoch 1 is trained and logged again
     assert saves == [1, 2, 4] and draws == [1, 2, 4]  # a new process's first epoch, and the last epoch always
     assert [json.loads(r)["epoch"] for r in (out / "log.txt").read_text().splitlines()] == [0, 1, 2, 3]
-    monkeypatch.setattr(train, "SAVE_EVERY_S", 0)
+    monkeypatch.setattr(train.ckpt, "SAVE_EVERY_S", 0)
     assert run(argv + ["--output_dir", str(tmp_path / "every")]) == 0
     assert saves[3:] == [1, 2, 3, 4] and draws[3:] == [1, 2, 3, 4]  # epochs of a minute or more: after each
-    monkeypatch.setattr(train, "SAVE_EVERY_S", 1e9)
+    monkeypatch.setattr(train.ckpt, "SAVE_EVERY_S", 1e9)
     stop_after(monkeypatch, 6)  # Ctrl-C in the last step of the second epoch, within the minute: saved all the same
     assert run(argv + ["--output_dir", str(tmp_path / "stop")]) == 0
     assert saves[7:] == [1, 2] and torch.load(tmp_path / "stop" / "checkpoint.pth", weights_only=True)["epoch"] == 2

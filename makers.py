@@ -1,0 +1,113 @@
+"""Small real datasets, written to a folder offline as ImageFolders (ROOT/train, ROOT/val): `python data.py
+--make NAME DIR`. Benchmarks of the kind of folder a course points train.py at, made from images that ship
+inside installed packages (scikit-image, scikit-learn, matplotlib: no download), and `jpegs`, an ImageNet-like
+folder for timing the input pipeline. The same files and seed give the same folder on every machine.
+scikit-image and scikit-learn are needed here only, never for training.
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# name: (the package that ships it, its file); one class per photograph
+PHOTOGRAPHS = {
+    "astronaut": ("skimage", "astronaut.png"), "cat": ("skimage", "chelsea.png"), "coffee": ("skimage", "coffee.png"),
+    "galaxies": ("skimage", "hubble_deep_field.jpg"), "tissue": ("skimage", "ihc.png"),
+    "motorcycle": ("skimage", "motorcycle_left.png"), "retina": ("skimage", "retina.jpg"),
+    "rocket": ("skimage", "rocket.jpg"), "portrait": ("matplotlib", "grace_hopper.jpg"),
+    "temple": ("sklearn", "china.jpg"), "flower": ("sklearn", "flower.jpg"),
+}
+SURFACES = ("brick", "grass", "gravel", "moon", "cell", "coins", "page")  # gray photographs in scikit-image's data
+
+
+def _shipped(package, name):
+    """An image file that ships with an installed package, decoded."""
+    if package == "matplotlib":
+        import matplotlib
+        folder = Path(matplotlib.get_data_path()) / "sample_data"
+    elif package == "sklearn":
+        import sklearn
+        folder = Path(sklearn.__file__).parent / "datasets" / "images"
+    else:
+        import skimage
+        folder = Path(skimage.__file__).parent / "data"
+    img = Image.open(folder / name)
+    img.load()
+    return img
+
+
+def _photos(names=tuple(PHOTOGRAPHS)):
+    """Colour photographs: people, animals, objects, scenes, a microscope slide, a retina, the sky."""
+    return {name: _shipped(*PHOTOGRAPHS[name]) for name in names}
+
+
+def _gray_surfaces():
+    """Seven gray images of surfaces and materials: brick, grass, gravel, the moon, cells, coins, printed text."""
+    return {name: _shipped("skimage", f"{name}.png") for name in SURFACES}
+
+
+def _write_crops(sources, out, per_class, side_range, ext, seed=0):
+    """per_class random square crops of each source image (side a random fraction of its shorter side),
+    saved at their own size; one class per source; every fifth crop goes to val/."""
+    rng = np.random.RandomState(seed)
+    for label, img in sources.items():
+        img = img.convert("RGB") if img.mode not in ("L", "RGB") else img
+        w, h = img.size
+        for i in range(per_class):
+            side = int(min(w, h) * rng.uniform(*side_range))
+            x, y = rng.randint(0, w - side + 1), rng.randint(0, h - side + 1)
+            d = Path(out) / ("val" if i % 5 == 4 else "train") / label
+            d.mkdir(parents=True, exist_ok=True)
+            img.crop((x, y, x + side, y + side)).save(d / f"{i:04d}.{ext}", **({"quality": 90} if ext == "jpg" else {}))
+
+
+def make_digits(out):
+    """1,797 handwritten digits, 8 x 8 px, 17 gray levels (scikit-learn's copy of the UCI set), 10 classes."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for i, (x, y) in enumerate(zip(digits.images, digits.target)):
+        d = Path(out) / ("val" if i % 5 == 4 else "train") / str(y)
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x * 255 / 16).round().astype(np.uint8)).save(d / f"{i:04d}.png")
+
+
+# the colour photographs but the microscope slide, in the order that fixes the folder's bytes
+JPEG_CLASSES = ("astronaut", "cat", "coffee", "motorcycle", "rocket", "galaxies", "retina", "flower", "temple",
+                "portrait")
+
+
+def make_jpegs(out_dir, per_class={"train": 30, "val": 10}, size=(500, 375), quality=90, seed=0):
+    """An ImageNet-like ImageFolder, OUT/{train,val}/<photograph>/NNN.jpg: 400 JPEGs of 500 x 375
+    (a quarter of them 375 x 500, portrait) at quality 90, each a random crop (25-100 % of the area,
+    the output's aspect ratio), possibly mirrored, of one of ten photographs. ImageNet's typical file
+    size and compression, so decoding and cropping cost what they cost there; the same bytes on every
+    run (given the same Pillow). Few classes of one photograph each: for timing the input pipeline,
+    not for judging features."""
+    rng = np.random.RandomState(seed)
+    out_dir = Path(out_dir)
+    for name, photo in _photos(JPEG_CLASSES).items():
+        photo = photo.convert("RGB")
+        W, H = photo.size
+        for split, n in per_class.items():
+            (out_dir / split / name).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                w, h = size if rng.rand() >= 0.25 else size[::-1]
+                area = rng.uniform(0.25, 1.0) * W * H
+                cw = min(W, round(math.sqrt(area * w / h)))  # a crop of the output's aspect ratio
+                ch = min(H, round(cw * h / w))
+                cw = min(cw, round(ch * w / h))
+                x0, y0 = rng.randint(0, W - cw + 1), rng.randint(0, H - ch + 1)
+                img = photo.resize((w, h), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+                if rng.rand() < 0.5:
+                    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                img.save(out_dir / split / name / f"{k:03d}.jpg", quality=quality)
+    return out_dir
+
+
+MAKERS = {
+    "digits": make_digits,
+    "photos": lambda out: _write_crops(_photos(), out, 400, (0.15, 0.45), "jpg"),  # 4,400 colour crops
+    "surfaces": lambda out: _write_crops(_gray_surfaces(), out, 400, (0.1, 0.3), "png"),  # 2,800 gray crops
+    "jpegs": make_jpegs,  # 400 ImageNet-size JPEGs, for timing the input pipeline
+}
