@@ -66,6 +66,22 @@ def jaccard(pred, truth):
     return torch.where(union > 0, 100 * inter / union.clamp(min=1), torch.full_like(union, 100.0))
 
 
+@torch.no_grad()
+def pca_rgb(model, images, patch_size):
+    """The patch features of the last block projected on their first three principal components, fitted jointly
+    over all the images given, each component scaled to [0, 1]: an RGB picture per image (B, h/p, w/p, 3).
+    Parts that the network represents alike get alike colours, across images too."""
+    model.eval()
+    B, _, h, w = images.shape
+    z = model.get_intermediate_layers(images, n=1)[0][:, 1:].float()  # (B, N-1, D): the patch tokens
+    flat = z.flatten(0, 1)
+    flat = flat - flat.mean(0)
+    _, _, V = torch.linalg.svd(flat, full_matrices=False)
+    pcs = flat @ V[:3].T  # (B (N-1), 3)
+    pcs = (pcs - pcs.min(0).values) / (pcs.max(0).values - pcs.min(0).values).clamp(min=1e-6)
+    return pcs.reshape(B, h // patch_size, w // patch_size, 3)
+
+
 def summarize(J):
     """J (images, heads) -> the per-head means, the best head and its J, the mean over heads."""
     per_head = J.mean(0)

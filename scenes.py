@@ -1,21 +1,21 @@
 """`scenes`: the embedded data for the emerging properties (paper Sec. 4.2.2), with ground-truth masks.
 
-Each image is one object on clutter. The object's *shape* is its class (disk, square, triangle, ...); it
-sits at a random position, scale and angle, filled with a random pattern (stripes, checks or dots at a
-random period and angle) in random colours. The background is "dead leaves": many small flat-coloured discs
-and boxes in colours from the same palette. So:
+Each image is one object on clutter. The object's class is what it is: its outline (disk, square, triangle,
+...) and its surface (stripes, checks, dots, ...: the class's pattern, as fur or feathers mark an animal), at a
+random position, scale and angle, the pattern at a random period and phase. The background is "dead leaves":
+many small flat discs and boxes. Everything is gray, in levels drawn from one range. So:
 
-- no pixel tells object from background: both draw their colours from the same distribution;
+- no pixel tells object from background: both take their gray levels from the same distribution;
 - the background says nothing about the class: it is drawn independently of it;
-- a crop of the object shows its class only through its outline, which is what the network must learn.
+- the class is in the object only, in its outline and in the arrangement of its pixels.
 
 Every image comes with its object mask (the pixels more than half covered by the object). Videos are short
 sequences of such scenes in which the object moves, turns and changes scale while the clutter pans slowly
 beneath it; each frame has its mask.
 
 Everything is generated from fixed seeds, the same on every machine, with nothing downloaded:
-`data.build_dataset("scenes", split)` gives the images (ImageFolder-like: PIL image, class), `masks(split)`
-their masks, `video_sequences(split)` the videos, and `write_folders(DIR)` all of it as files other tools read
+`data.build_dataset("scenes", split)` gives the images (PIL image, class), `ScenesDataset(split).masks` their
+masks, `video_sequences(split)` the videos, and `write_folders(DIR)` all of it as files other tools read
 (ImageFolder train/ and val/, the val split laid out as PASCAL VOC, the videos as DAVIS-2017).
 """
 import math
@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 CLASSES = ("disk", "square", "triangle", "cross", "ring", "star", "crescent", "bar")
+PATTERNS = ("stripes", "checks", "dots", "rings", "grid", "waves", "rays", "zigzag")  # class i: shape i, pattern i
 PER_CLASS = {"train": 500, "val": 50}
 SIZE = 64  # pixels per side of an image
 SEEDS = {"train": 10, "val": 11}
@@ -32,8 +33,10 @@ SUPERSAMPLE = 2  # drawn at twice the size, then averaged down: smooth edges, ma
 
 
 def _palette(rng, n):
-    """n random RGB colours, shared by the object and the clutter (saturated and gray alike)."""
-    return rng.randint(0, 256, (n, 3))
+    """n random gray levels as RGB, shared by the object and the clutter. Gray, as `textures`: with colours
+    beyond what colour jitter changes, the colours of two crops of one image match, and a short run learns to
+    tell images apart by their colours instead of by what is in them."""
+    return np.repeat(rng.randint(0, 256, (n, 1)), 3, axis=1)
 
 
 def _shape_polygon(label, cx, cy, r, angle):
@@ -73,20 +76,39 @@ def _shape_polygon(label, cx, cy, r, angle):
     raise ValueError(label)
 
 
-def _pattern(rng, colours, size):
-    """The object's fill: stripes, checks or dots at a random period and angle, two colours. (size, size, 3)"""
+def _pattern(rng, label, colours, size):
+    """The object's surface, the mark of its class as fur or feathers are of an animal's: a two-colour pattern of
+    kind `label` at a random period and angle. (size, size, 3)"""
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
     t = rng.uniform(0, np.pi)
     u, v = x * math.cos(t) - y * math.sin(t), x * math.sin(t) + y * math.cos(t)
-    p = rng.uniform(3.0, 6.0) * SUPERSAMPLE  # period in pixels of the drawing
-    kind = rng.randint(3)
-    if kind == 0:
+    p = rng.uniform(4.0, 7.0) * SUPERSAMPLE  # period in pixels of the drawing
+    cx, cy = rng.uniform(0, size, 2)
+    name = PATTERNS[label]
+    if name == "stripes":
         m = np.sin(2 * np.pi * u / p) > 0
-    elif kind == 1:
+    elif name == "checks":
         m = np.sin(2 * np.pi * u / p) * np.sin(2 * np.pi * v / p) > 0
-    else:
-        m = np.sin(np.pi * u / p) ** 2 + np.sin(np.pi * v / p) ** 2 < 0.8
+    elif name == "dots":
+        m = np.sin(np.pi * u / p) ** 2 + np.sin(np.pi * v / p) ** 2 < 0.6
+    elif name == "rings":
+        m = np.sin(2 * np.pi * np.hypot(x - cx, y - cy) / p) > 0
+    elif name == "grid":
+        m = (np.abs(np.sin(np.pi * u / p)) < 0.3) | (np.abs(np.sin(np.pi * v / p)) < 0.3)
+    elif name == "waves":
+        m = np.sin(2 * np.pi * (v + 0.25 * p * np.sin(2 * np.pi * u / (2.5 * p))) / p) > 0
+    elif name == "rays":
+        m = np.sin(rng.randint(5, 9) * np.arctan2(y - cy, x - cx) + rng.uniform(0, 2 * np.pi)) > 0
+    else:  # "zigzag"
+        m = np.sin(2 * np.pi * (v + 0.5 * p * np.abs(((u / p) % 2) - 1)) / p) > 0
     return np.where(m[..., None], colours[0], colours[1])
+
+
+def _two_levels(rng):
+    """The pattern's two gray levels, from the clutter's range, at least a quarter of it apart: a pattern to see."""
+    a = rng.randint(0, 256)
+    b = (a + rng.randint(64, 193)) % 256
+    return np.array([[a] * 3, [b] * 3])
 
 
 def _clutter(rng, size, n):
@@ -124,7 +146,7 @@ def draw_scene(rng, label, size=SIZE):
     cx, cy = rng.uniform(r * 0.8, big - r * 0.8, 2)  # mostly inside the frame
     angle = rng.uniform(0, 2 * math.pi)
     background = _clutter(rng, big, 50)
-    fill = _pattern(rng, _palette(rng, 2), big)
+    fill = _pattern(rng, label, _two_levels(rng), big)
     return _compose(background, _object_alpha(label, cx, cy, r, angle, big), fill, size)
 
 
@@ -155,7 +177,7 @@ def draw_video(rng, label, frames=12, size=SIZE):
     pan = rng.uniform(-0.25, 0.25, 2) * big / frames  # the background drifts by up to a quarter of the frame
     margin = int(np.ceil(np.abs(pan).max() * frames)) + 1
     background = _clutter(rng, big + 2 * margin, 90)
-    fill = _pattern(rng, _palette(rng, 2), big)
+    fill = _pattern(rng, label, _two_levels(rng), big)
     r0, r1 = rng.uniform(0.22, 0.34, 2) * big
     start, end = rng.uniform(0.3, 0.7, (2, 2)) * big
     a0 = rng.uniform(0, 2 * math.pi)
