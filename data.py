@@ -27,7 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from images import KEEP_BYTES, DataError, ShrunkImages, open_image, shrunk_bytes  # noqa: F401 (data.DataError)
 
-BUILTIN = ("textures", "cifar10", "cifar100", "stl10")
+BUILTIN = ("textures", "scenes", "cifar10", "cifar100", "stl10")
 TEXTURES = ("hstripes", "vstripes", "checker", "dots", "rings", "grid", "diagonals", "blobs", "waves", "rays")
 PER_CLASS = {"train": 500, "val": 100}  # images of each pattern in the embedded splits
 CACHE = Path(os.environ.get("DINO_DATA", Path.home() / ".cache" / "dino-data"))
@@ -180,6 +180,9 @@ def build_dataset(data_path, split, transform=None, download_dir=None, loader=No
     if data_path in BUILTIN:
         if data_path == "textures":
             return TexturesDataset("val" if split == "val" else "train", transform)
+        if data_path == "scenes":  # objects on clutter, with masks: scenes.py
+            import scenes
+            return scenes.ScenesDataset("val" if split == "val" else "train", transform)
         return _torchvision(data_path, split, transform, download_dir)
     root = Path(data_path)
     if not root.is_dir():
