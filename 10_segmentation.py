@@ -202,21 +202,14 @@ def save_figure(models, images, truth, patch_size, path, threshold=0.6):
 
 def get_args_parser():
     p = cli.Parser("Jaccard of the CLS attention's masks against ground-truth object masks")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a checkpoint written by train.py or supervised.py")
-    src.add_argument("--pretrained", help=knn.PRETRAINED_HELP)
-    src.add_argument("--random_init", action="store_true", help="an untrained network: the baseline to read against")
-    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default="vit_small", choices=sorted(knn.vits.ARCHS), help="for --pretrained / --random_init")
-    p.add_argument("--patch_size", "--patch", type=cli.patch_size, default=16)
+    cli.add_backbone_args(p, knn.vits.ARCHS, raw_pixels=False)
     p.add_argument("--data_path", default="scenes", help="scenes (embedded, val split) or a PASCAL VOC folder")
     p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="shorter side in pixels for a VOC folder (default 480); the scenes are read at their own size")
     p.add_argument("--threshold", type=cli.fraction, default=0.6, help="t: the share of each head's attention kept")
     p.add_argument("--figure", type=cli.nonneg_int, default=0, metavar="N",
                    help="also save segmentation.png with N scenes: image, attention, mask, ground truth")
-    p.add_argument("--output_dir", default=None,
-                   help="where jaccard.json goes; default: beside --checkpoint, else the current directory")
+    p.add_argument("--output_dir", default=None, help=cli.output_dir_help("jaccard"))
     return p
 
 
@@ -237,9 +230,9 @@ def main(args):
     image_size = args.image_size or 480
     J = evaluate(model, args.patch_size, args.data_path, image_size, args.threshold)
     res = summarize(J)
-    what = "random init" if args.random_init else args.checkpoint or args.pretrained
+    what = cli.source_name(args)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "jaccard_random_init.json" if args.random_init else "jaccard.json"
+    name = cli.results_name(args, "jaccard")
     ckpt.save_json(dict(res, source=str(what), arch=args.arch, patch_size=args.patch_size, data_path=args.data_path,
                         threshold=args.threshold), out_dir / name)
     if args.figure and args.data_path == "scenes":

@@ -132,7 +132,7 @@ def source_name(args):
 def results_name(args, stem):
     """Where an evaluation's results go in its --output_dir: STEM.json, or STEM_random_init.json and
     STEM_raw_pixels.json for the baselines, so that they sit beside a checkpoint's own."""
-    return f"{stem}_random_init.json" if args.random_init else f"{stem}_raw_pixels.json" if args.raw_pixels \
+    return f"{stem}_random_init.json" if args.random_init else f"{stem}_raw_pixels.json" if getattr(args, "raw_pixels", False) \
         else f"{stem}.json"
 
 

@@ -214,7 +214,7 @@ if __name__ == "__main__":
     import argparse
 
     from makers import MAKERS
-    parser = argparse.ArgumentParser(description="draw the embedded textures, or build a small real ImageFolder")
+    parser = argparse.ArgumentParser(description="draw the embedded textures and scenes, or build a small ImageFolder")
     parser.add_argument("--make", nargs=2, metavar=("NAME", "DIR"), help=f"NAME: one of {', '.join(MAKERS)}")
     cli = parser.parse_args()
     if cli.make:
@@ -245,3 +245,17 @@ if __name__ == "__main__":
     fig.tight_layout()
     fig.savefig("textures.png", dpi=80)
     print(f"saved textures.png ({len(ds)} images)")
+
+    import scenes  # the objects of Sec. 4.2.2: each scene above its mask, then a video's frames
+    ds = scenes.ScenesDataset("val", per_class=1)
+    video = scenes.video_sequences("val", n=1)[0]
+    fig, axes = plt.subplots(3, 8, figsize=(12, 4.8))
+    for i in range(8):
+        axes[0, i].imshow(ds.images[i]), axes[0, i].set_title(scenes.CLASSES[ds.targets[i]], fontsize=9)
+        axes[1, i].imshow(ds.masks[i], cmap="gray")
+        axes[2, i].imshow(video[1][int(i * (len(video[1]) - 1) / 7)])
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig("scenes.png", dpi=80)
+    print(f"saved scenes.png ({len(ds)} scenes with their masks, and a video's frames)")

@@ -110,4 +110,5 @@ MAKERS = {
     "photos": lambda out: _write_crops(_photos(), out, 400, (0.15, 0.45), "jpg"),  # 4,400 colour crops
     "surfaces": lambda out: _write_crops(_gray_surfaces(), out, 400, (0.1, 0.3), "png"),  # 2,800 gray crops
     "jpegs": make_jpegs,  # 400 ImageNet-size JPEGs, for timing the input pipeline
+    "scenes": lambda out: __import__("scenes").write_folders(out),  # the embedded scenes, also as VOC and DAVIS
 }

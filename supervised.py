@@ -15,6 +15,7 @@ Usage:
     python supervised.py --preset scenes_course        # writes runs/scenes_supervised/checkpoint.pth
     python supervised.py --data_path DIR --preset cpu_course
 """
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -28,9 +29,9 @@ import cli
 import data
 import runtime
 import train
+import arguments
 from cli import UsageError
 
-multicrop = importlib.import_module("01_multicrop")
 vits = importlib.import_module("02_vit")
 heads = importlib.import_module("03_head")
 ema = importlib.import_module("05_teacher_ema")
@@ -61,31 +62,27 @@ def main(args):
     device = runtime.pick_device(0)
     precision = args.precision if args.precision != "auto" else runtime.auto_precision(device)
     dtype = train.autocast_dtype(precision)
-    transform = multicrop.DataAugmentationDINOSplit(tuple(args.global_crops_scale), tuple(args.local_crops_scale),
-                                                    args.local_crops_number, args.global_size, args.local_size)
-    dataset = data.build_dataset(args.data_path, "train", transform, loader=data.path_if_jpeg)
+    dataset, loader, _, workers = train.build_data(args, device, 0, 1)  # train.py's crops, seeds and loader
     if len(dataset.classes) < 2:
         raise UsageError(f"{args.data_path} has {len(dataset.classes)} class; the supervised baseline needs labels: "
                          f"class folders under train/")
-    workers = min(args.num_workers, runtime.os.cpu_count() or 1)
-    loader = data.training_loader(dataset, args.batch_size_per_gpu, workers, args.seed, device=device,
-                                  augment=transform.photometric)
-    niter = train.fit_to_budget(args, len(loader))
+    budget = train.fit_to_budget(args, len(loader))
+    niter = budget.niter
 
     backbone = vits.ARCHS[args.arch](patch_size=args.patch_size, img_size=args.global_size,
                                      drop_path_rate=args.drop_path_rate)
     model = heads.MultiCropWrapper(backbone, nn.Linear(backbone.embed_dim, len(dataset.classes))).to(device)
     optimizer = torch.optim.AdamW(train.params_groups(model))
-    lr = ema.cosine_scheduler(args.lr * args.batch_size_per_gpu / 256, args.min_lr, args.epochs, niter,
-                              args.warmup_epochs)
-    wd = ema.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else train.contextlib.nullcontext()
+    lr = ema.cosine_scheduler(args.lr * args.batch_size_per_gpu / 256, args.min_lr, budget.epochs, niter,
+                              budget.warmup_epochs)
+    wd = ema.cosine_scheduler(args.weight_decay, args.weight_decay_end, budget.epochs, niter)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     runtime.check_writable(out)
     print(f"supervised baseline: {args.arch}/{args.patch_size} on {args.data_path} ({len(dataset.classes)} classes), "
-          f"{args.epochs} epochs of {niter} steps, precision {precision}")
+          f"{budget.epochs} epochs of {niter} steps, precision {precision}")
     from tqdm import tqdm
-    bar = tqdm(total=args.epochs * niter, dynamic_ncols=True)
-    for epoch in range(args.epochs):
+    bar = tqdm(total=budget.epochs * niter, dynamic_ncols=True)
+    for epoch in range(budget.epochs):
         loader.sampler.set_epoch(epoch)
         model.train()
         for i, (crops, targets) in zip(range(niter), loader):
@@ -101,11 +98,11 @@ def main(args):
         top1, _ = knn.evaluate(backbone, args.data_path, args.global_size, device, (20,), num_workers=workers,
                                dtype=dtype)[20]
     # the evaluation scripts read a train.py checkpoint's "teacher" and "args": the trained backbone goes there
-    ckpt.save_atomic({"teacher": backbone.state_dict(), "args": dict(vars(args), supervised=True),
+    ckpt.save_atomic({"teacher": backbone.state_dict(), "args": dict(budget.config(args), supervised=True),
                       "classifier": model.head.state_dict(), "knn_top1": top1}, out / "checkpoint.pth")
     print(f"saved {out / 'checkpoint.pth'}" + (f"; k-NN top-1 (k=20): {top1:.2f}%" if top1 is not None else ""))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, train.parse_args))
+    sys.exit(cli.run(main, arguments.parse_args))

@@ -4,7 +4,7 @@ import torch
 from conftest import load
 
 supervised = load("supervised")
-train = load("train")
+arguments = load("arguments")
 knn = load("06_knn")
 ckpt = load("checkpoint")
 
@@ -15,7 +15,7 @@ TINY = ["--arch", "vit_nano", "--patch_size", "8", "--global_size", "16", "--loc
 
 def test_it_learns_the_labels_and_writes_a_checkpoint_the_evaluators_read(folder, tmp_path, capsys):
     out = tmp_path / "run"
-    assert supervised.main(train.parse_args(TINY + ["--data_path", str(folder), "--output_dir", str(out)])) == 0
+    assert supervised.main(arguments.parse_args(TINY + ["--data_path", str(folder), "--output_dir", str(out)])) == 0
     path = tmp_path / "run_supervised" / "checkpoint.pth"
     state = torch.load(path, weights_only=True)
     assert state["args"]["supervised"] and state["args"]["arch"] == "vit_nano"
