@@ -98,8 +98,8 @@ def davis_palette():
 
 
 def write_mask(path, mask):
-    image = Image.fromarray(mask.astype(np.uint8), mode="P")
-    image.putpalette(davis_palette().ravel().tolist())
+    image = Image.fromarray(mask.astype(np.uint8))
+    image.putpalette(davis_palette().ravel().tolist())  # an 8-bit image with a palette: mode P
     image.save(path)
 
 
@@ -132,10 +132,13 @@ def davis_sequences(root):
     if not images.is_dir():
         raise data.DataError(f"{root} is not a DAVIS folder ({images} is missing); pass a folder laid out as DAVIS-2017 "
                              f"(JPEGImages/480p/SEQ/*.jpg, Annotations/480p/SEQ/*.png) or --data_path scenes")
-    names = ([n.strip() for n in listing.read_text().splitlines() if n.strip()] if listing.is_file()
+    names = ([n.strip() for n in listing.read_text(errors="replace").splitlines() if n.strip()] if listing.is_file()
              else sorted(p.name for p in images.iterdir() if p.is_dir()))
     if not names:
         raise data.DataError(f"no sequences in {listing if listing.is_file() else images}; add sequence folders")
+    for name in names:  # each names a folder of outputs too, which must stay inside --output_dir
+        if name in (".", "..") or Path(name).name != name:
+            raise data.DataError(f"{listing} lists {name!r}, not a sequence folder's name; list one name per line")
     sequences = []
     for name in names:
         frames = sorted((images / name).glob("*.jpg"))

@@ -326,6 +326,8 @@ BROKEN = {  # how to break the folder, what the error says
                        "empty sequence {d}/JPEGImages/480p/a: no .jpg frames; add them, or remove a from"),
     "a listed sequence without a folder": (lambda d: (d / "ImageSets/2017/val.txt").write_text("a\nc\n"),
                                            "empty sequence {d}/JPEGImages/480p/c"),
+    "a sequence name that is a path": (lambda d: (d / "ImageSets/2017/val.txt").write_text("a\n../../b\n"),
+                                       "{d}/ImageSets/2017/val.txt lists '../../b', not a sequence folder's name"),
     "a sequence of 2 frames": (lambda d: (d / "JPEGImages/480p/a/00002.jpg").unlink(),
                                "short sequence a (2 frames)"),
     "no object in the first frame": (lambda d: video.write_mask(d / "Annotations/480p/a/00000.png",
