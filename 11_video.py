@@ -70,6 +70,7 @@ import checkpoint as ckpt
 import cli
 import data
 
+multicrop = importlib.import_module("01_multicrop")
 knn = importlib.import_module("06_knn")
 VOID = 255  # DAVIS's "ignore" label, background for the semi-supervised scores
 BOUND_TH = 0.008  # boundary tolerance of F, as a fraction of the image diagonal (the toolkit's default)
@@ -214,10 +215,10 @@ def check_sequences(sequences, patch_size, image_size, topk):
                                      f"{seq.name}")
         th, tw = resized_shape(size[1], size[0], image_size or min(size), patch_size)
         n = (th // patch_size) * (tw // patch_size)
-        if not 1 <= n <= knn.MAX_SIDE ** 2:
+        if not 1 <= n <= cli.MAX_SIDE ** 2:
             raise cli.UsageError(f"{seq.name}'s {size[0]} x {size[1]} px frames at --image_size "
                                  f"{image_size or min(size)} are {tw} x {th} px: {n} patches of {patch_size} px; "
-                                 f"choose an --image_size that gives 1 to {knn.MAX_SIDE ** 2}")
+                                 f"choose an --image_size that gives 1 to {cli.MAX_SIDE ** 2}")
         if topk > n:
             raise cli.UsageError(f"--topk {topk} exceeds the {n} patches of a frame of {seq.name} ({tw} x {th} px, "
                                  f"patch {patch_size}); choose at most {n}")
@@ -227,7 +228,7 @@ def check_sequences(sequences, patch_size, image_size, topk):
 def frame_tensor(image, shape):
     """(3, h, w): resized bilinearly without antialiasing (as the official cv2.resize), ImageNet-normalised."""
     x = F.interpolate(TF.to_tensor(image)[None], size=shape, mode="bilinear", align_corners=False)[0]
-    return TF.normalize(x, knn.IMAGENET_MEAN, knn.IMAGENET_STD)
+    return TF.normalize(x, multicrop.IMAGENET_MEAN, multicrop.IMAGENET_STD)
 
 
 @torch.no_grad()
@@ -358,13 +359,7 @@ def score_sequence(preds, gts):
 # ---------------------------------------------------------------------------- the command line
 def get_args_parser():
     p = cli.Parser("Video object segmentation by label propagation (DAVIS-2017 protocol)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a checkpoint written by train.py (architecture read from it)")
-    src.add_argument("--pretrained", help=knn.PRETRAINED_HELP)
-    src.add_argument("--random_init", action="store_true", help="an untrained network: the baseline to read against")
-    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default="vit_small", choices=sorted(knn.vits.ARCHS), help="for --pretrained / --random_init")
-    p.add_argument("--patch_size", "--patch", type=cli.patch_size, default=16)
+    cli.add_backbone_args(p, knn.vits.ARCHS, raw_pixels=False)
     p.add_argument("--data_path", default="scenes",
                    help="a folder laid out as DAVIS-2017 (JPEGImages/480p, Annotations/480p, optionally "
                         "ImageSets/2017/val.txt), or scenes: the embedded videos")
