@@ -175,11 +175,10 @@ def evaluate(model, patch_size, data_path="scenes", image_size=None, threshold=0
 def save_figure(models, images, truth, patch_size, path, threshold=0.6):
     """One row per image: the image, then for each (name, model) its best-matching head's attention and mask,
     then the ground truth."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: a notebook's inline figures stay as they are
     cols = 2 + 2 * len(models)
-    fig, axes = plt.subplots(len(images), cols, figsize=(1.6 * cols, 1.7 * len(images)), squeeze=False)
+    fig = Figure(figsize=(1.6 * cols, 1.7 * len(images)))
+    axes = fig.subplots(len(images), cols, squeeze=False)
     for r, (x, t) in enumerate(zip(images, truth)):
         axes[r, 0].imshow(multicrop.denormalize(x))
         for c, (name, model) in enumerate(models):
@@ -197,7 +196,6 @@ def save_figure(models, images, truth, patch_size, path, threshold=0.6):
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def get_args_parser():

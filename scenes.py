@@ -18,6 +18,7 @@ Everything is generated from fixed seeds, the same on every machine, with nothin
 masks, `video_sequences(split)` the videos, and `write_folders(DIR)` all of it as files other tools read
 (ImageFolder train/ and val/, the val split laid out as PASCAL VOC, the videos as DAVIS-2017).
 """
+import functools
 import math
 
 import numpy as np
@@ -150,16 +151,20 @@ def draw_scene(rng, label, size=SIZE):
     return _compose(background, _object_alpha(label, cx, cy, r, angle, big), fill, size)
 
 
+@functools.lru_cache(maxsize=4)
+def _generate(split, per_class, size):
+    """(images (n, size, size, 3) uint8, masks (n, size, size) bool, classes), drawn once per process."""
+    rng = np.random.RandomState(SEEDS[split])
+    targets = [i % len(CLASSES) for i in range(per_class * len(CLASSES))]
+    drawn = [draw_scene(rng, y, size) for y in targets]
+    return np.stack([np.asarray(img) for img, _ in drawn]), np.stack([m for _, m in drawn]), targets
+
+
 class ScenesDataset(torch.utils.data.Dataset):
-    """The embedded scenes: `per_class` images of each of the shapes, fixed by `split`; `masks` (n, size, size)."""
+    """The embedded scenes: `per_class` images of each class, fixed by `split`; `masks` (n, size, size)."""
 
     def __init__(self, split="train", transform=None, per_class=None, size=SIZE):
-        per_class = per_class or PER_CLASS[split]
-        rng = np.random.RandomState(SEEDS[split])
-        self.targets = [i % len(CLASSES) for i in range(per_class * len(CLASSES))]
-        drawn = [draw_scene(rng, y, size) for y in self.targets]
-        self.images = np.stack([np.asarray(img) for img, _ in drawn])  # (n, size, size, 3) uint8
-        self.masks = np.stack([m for _, m in drawn])  # (n, size, size) bool
+        self.images, self.masks, self.targets = _generate(split, per_class or PER_CLASS[split], size)
         self.classes, self.transform = list(CLASSES), transform
 
     def __len__(self):

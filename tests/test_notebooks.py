@@ -10,7 +10,7 @@ from conftest import ROOT, load
 
 SHORT = {  # parameter-cell overrides that keep each notebook to well under a minute
     "tour.ipynb": "STEPS = 5",
-}  # attention_maps.ipynb: in its own test below
+}  # emergence.ipynb: in its own test below  # attention_maps.ipynb: in its own test below
 
 
 def execute(name, overrides, extra_cells=()):
@@ -51,3 +51,13 @@ def test_attention_notebook_draws_fig1_from_the_hub_cache(tmp_path, monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # the kernel inherits it
     nb = execute("attention_maps.ipynb", 'CHECKPOINT = "none"\nSTEPS = 5\nOFFICIAL = "dino_vits8"\nOFFICIAL_SIZE = 64')
     assert sum("image/png" in o.get("data", {}) for o in nb.cells[-1].outputs) == 2  # one figure per photograph
+
+
+def test_emergence_notebook_measures_three_networks():
+    """Trained here for a few steps: DINO, the supervised baseline and random init are each scored, the Jaccard
+    of their attention masks and J mean of their label propagation, and the figures drawn."""
+    nb = execute("emergence.ipynb", "STEPS = 12\nEVAL_EVERY = 6\nEVAL_IMAGES = 48\nFIGURE_IMAGES = 3")
+    out = json.loads(nb.cells[-1].outputs[0]["text"].splitlines()[0])
+    assert set(out) == {"DINO", "supervised", "random init"}
+    assert all(0 < r["jaccard"] < 100 and 0 < r["j_mean"] <= 100 for r in out.values()), out
+    assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) >= 5
