@@ -3,7 +3,7 @@
 Each image is one object on clutter. The object's class is what it is: its outline (disk, square, triangle,
 ...) and its surface (stripes, checks, dots, ...: the class's pattern, as fur or feathers mark an animal), at a
 random position, scale and angle, the pattern at a random period and phase. The background is "dead leaves":
-many small flat discs and boxes. Everything is gray, in levels drawn from one range. So:
+many small flat discs and boxes, out of focus as behind a photographed object. Everything is gray, in levels drawn from one range. So:
 
 - no pixel tells object from background: both take their gray levels from the same distribution;
 - the background says nothing about the class: it is drawn independently of it;
@@ -23,13 +23,14 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("disk", "square", "triangle", "cross", "ring", "star", "crescent", "bar")
 PATTERNS = ("stripes", "checks", "dots", "rings", "grid", "waves", "rays", "zigzag")  # class i: shape i, pattern i
 PER_CLASS = {"train": 500, "val": 50}
 SIZE = 64  # pixels per side of an image
 SEEDS = {"train": 10, "val": 11}
+BLUR = 0.02  # the clutter is out of focus, as behind a photographed object: blur radius / side
 SUPERSAMPLE = 2  # drawn at twice the size, then averaged down: smooth edges, masks to the half pixel
 
 
@@ -119,7 +120,7 @@ def _clutter(rng, size, n):
     for colour, (x, y), r, box in zip(_palette(rng, n), rng.uniform(-0.1, 1.1, (n, 2)) * size,
                                       rng.uniform(0.03, 0.13, n) * size, rng.rand(n) < 0.5):
         (draw.rectangle if box else draw.ellipse)([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in colour))
-    return np.asarray(img)
+    return np.asarray(img.filter(ImageFilter.GaussianBlur(BLUR * size)))
 
 
 def _object_alpha(label, cx, cy, r, angle, size):
@@ -143,7 +144,7 @@ def _compose(background, alpha, fill, size):
 def draw_scene(rng, label, size=SIZE):
     """One image of class `label` and its object mask: (PIL RGB image, (size, size) bool array)."""
     big = size * SUPERSAMPLE
-    r = rng.uniform(0.22, 0.36) * big  # outer radius: a large object, a few patches wide
+    r = rng.uniform(0.25, 0.38) * big  # outer radius: a large object, a few patches wide
     cx, cy = rng.uniform(r * 0.8, big - r * 0.8, 2)  # mostly inside the frame
     angle = rng.uniform(0, 2 * math.pi)
     background = _clutter(rng, big, 50)
