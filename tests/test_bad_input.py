@@ -77,7 +77,7 @@ def contract(name, argv, work):
 # ---------------------------------------------------------------------------- generated input
 def numeric_flags(name):
     """(flag, nargs) of every flag whose type is a function: the numbers and booleans."""
-    parser = {"train": train, "06": knn, "07": att, "08": lin}[name].get_args_parser()
+    parser = {"train": load("arguments"), "06": knn, "07": att, "08": lin}[name].get_args_parser()
     return [(a.option_strings[0], a.nargs) for a in parser._actions if callable(a.type)]
 
 
