@@ -15,7 +15,7 @@ vits = importlib.import_module("02_vit")
 
 
 # A small recipe for a 2-core CPU; explicit flags still override it. The measurements behind each choice are in
-# docs/from-code.md.
+# docs/experiments.md.
 PRESETS = {
     "cpu_course": {
         "data_path": "textures",
