@@ -48,7 +48,7 @@ PRESETS["scenes_course"] = dict(
     PRESETS["cpu_course"], data_path="scenes",
     global_size=64, local_size=32,  # 64 px scenes: 8 x 8 patches of 8 px, local crops of 4 x 4
     batch_size_per_gpu=32,  # a step four times dearer than the textures' at 64: half the batch, more steps
-    steps=960, eval_every=1, saveckp_freq=1,  # a k-NN point and a checkpoint each sixth: the curves of emergence
+    steps=480, eval_every=1, saveckp_freq=1,  # a k-NN point and a checkpoint each sixth: the curves of emergence
     num_workers=0,  # small in-memory images: crops are cheap, both cores compute
     output_dir="runs/scenes_course")
 
