@@ -217,6 +217,9 @@ def prepare(args):
         voc_pairs(args.data_path)
     elif args.figure > 64:
         raise cli.UsageError(f"--figure {args.figure}: at most 64 images fit in one figure")
+    elif args.random_init and args.image_size is None:  # a network made for the scenes' size, as one trained on them
+        import scenes
+        args.image_size = scenes.SIZE
     model, image_size, out_dir = knn.build_backbone(args)
     cli.check_output_dir(out_dir)
     return model, out_dir
