@@ -55,6 +55,24 @@ def eval_transform(image_size):
 
 
 @torch.no_grad()
+def embed_batches(model, dataset, device, batch_size=256, num_workers=0, dtype=None, embed=None, progress=None):
+    """(features, targets) for each batch of a dataset, in order: float32 (b, D) on `device`, not normalised.
+    features = model(images), the CLS feature, or embed(model, images). Only a batch of decoded images is held
+    at a time (and the loader's prefetch), so a folder of any size streams through. progress: a tqdm label."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda", worker_init_fn=runtime.ignore_stop_signals)
+    if progress:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc=progress, unit="batch", disable=None)  # None: a bar on a terminal, not in logs
+    model.eval()
+    for images, targets in loader:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            images = images.to(device, non_blocking=True)
+            f = model(images) if embed is None else embed(model, images)
+        yield f.float(), targets
+
+
+@torch.no_grad()
 def extract_features(model, dataset, device, batch_size=256, num_workers=0, dtype=None):
     """L2-normalised CLS features and labels of a whole dataset, (n, D) and (n,). With a process
     group, each rank embeds every world_size-th image and the pieces are gathered in order."""
@@ -62,14 +80,9 @@ def extract_features(model, dataset, device, batch_size=256, num_workers=0, dtyp
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     n = len(dataset)
     subset = torch.utils.data.Subset(dataset, range(rank, n, world))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda", worker_init_fn=runtime.ignore_stop_signals)
     feats, labels = [], []
-    model.eval()
-    for images, targets in loader:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            f = model(images.to(device, non_blocking=True))
-        feats.append(F.normalize(f.float(), dim=1))
+    for f, targets in embed_batches(model, subset, device, batch_size, num_workers, dtype):
+        feats.append(F.normalize(f, dim=1))
         labels.append(torch.as_tensor(targets, device=device))
     feats, labels = torch.cat(feats), torch.cat(labels)
     if distributed:  # rank r holds images r, r + W, r + 2W, ...: pad, gather, interleave

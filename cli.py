@@ -48,6 +48,7 @@ nonneg_float = number(float, lambda x: 0 <= x < math.inf, "a finite number >= 0"
 probability = number(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
 fraction = number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 below_one = number(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
+cosine = number(float, lambda x: -1 <= x <= 1, "a cosine similarity in [-1, 1]")
 MAX_PATCH = 64  # pixels per patch side: the patch embedding holds 3 x patch^2 weights per channel
 patch_size = number(int, lambda x: 1 <= x <= MAX_PATCH, f"an integer in [1, {MAX_PATCH}]")
 MAX_SIDE = 128  # patches per side of an image: beyond, the attention of one image needs gigabytes
