@@ -49,7 +49,7 @@ def work(tmp_path_factory):
         Image.open(p).convert("RGB").resize((40, 30)).save(root / "flat" / f"photo{i}.jpg", quality=95)
     dino, run = train.setup(train.parse_args(TINY + ["--data_path", str(root / "data"), "--output_dir",
                                                      str(root / "run"), "--resume", "none"]))
-    torch.save(train.checkpoint_state(dino, run.args, 1, 0), root / "checkpoint.pth")
+    torch.save(train.ckpt.checkpoint_state(dino, run.budget.config(run.args), 1, 0), root / "checkpoint.pth")
     return root
 
 
