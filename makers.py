@@ -22,29 +22,33 @@ SURFACES = ("brick", "grass", "gravel", "moon", "cell", "coins", "page")  # gray
 
 
 def _shipped(package, name):
-    """An image file that ships with an installed package, decoded."""
+    """The path of an image file that ships with an installed package."""
     if package == "matplotlib":
         import matplotlib
-        folder = Path(matplotlib.get_data_path()) / "sample_data"
-    elif package == "sklearn":
+        return Path(matplotlib.get_data_path()) / "sample_data" / name
+    if package == "sklearn":
         import sklearn
-        folder = Path(sklearn.__file__).parent / "datasets" / "images"
-    else:
-        import skimage
-        folder = Path(skimage.__file__).parent / "data"
-    img = Image.open(folder / name)
+        return Path(sklearn.__file__).parent / "datasets" / "images" / name
+    import skimage
+    return Path(skimage.__file__).parent / "data" / name
+
+
+def _decoded(package, name):
+    """The image, decoded; scikit-image's as their pixels alone (as skimage.io reads them: no ICC profile or
+    comment passed on to the crops)."""
+    img = Image.open(_shipped(package, name))
     img.load()
-    return img
+    return Image.fromarray(np.asarray(img)) if package == "skimage" else img
 
 
-def _photos(names=tuple(PHOTOGRAPHS)):
-    """Colour photographs: people, animals, objects, scenes, a microscope slide, a retina, the sky."""
-    return {name: _shipped(*PHOTOGRAPHS[name]) for name in names}
+def _photos():
+    """Eleven colour photographs: people, animals, objects, scenes, a microscope slide, a retina, the sky."""
+    return {name: _decoded(*PHOTOGRAPHS[name]) for name in PHOTOGRAPHS}
 
 
 def _gray_surfaces():
     """Seven gray images of surfaces and materials: brick, grass, gravel, the moon, cells, coins, printed text."""
-    return {name: _shipped("skimage", f"{name}.png") for name in SURFACES}
+    return {name: _decoded("skimage", f"{name}.png") for name in SURFACES}
 
 
 def _write_crops(sources, out, per_class, side_range, ext, seed=0):
@@ -86,8 +90,8 @@ def make_jpegs(out_dir, per_class={"train": 30, "val": 10}, size=(500, 375), qua
     not for judging features."""
     rng = np.random.RandomState(seed)
     out_dir = Path(out_dir)
-    for name, photo in _photos(JPEG_CLASSES).items():
-        photo = photo.convert("RGB")
+    for name in JPEG_CLASSES:
+        photo = Image.open(_shipped(*PHOTOGRAPHS[name])).convert("RGB")
         W, H = photo.size
         for split, n in per_class.items():
             (out_dir / split / name).mkdir(parents=True, exist_ok=True)
