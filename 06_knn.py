@@ -218,7 +218,7 @@ def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, image_size, out_dir = prepare(args)
     model.to(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    dtype = runtime.inference_dtype(device)
     results = evaluate(model, args.data_path, image_size, device, args.nb_knn, args.temperature,
                        args.batch_size_per_gpu, args.num_workers, dtype)
     what = cli.source_name(args)

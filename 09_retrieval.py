@@ -68,6 +68,7 @@ from torchvision.transforms import functional as TF
 import checkpoint as ckpt
 import cli
 import data
+import runtime
 
 multicrop = importlib.import_module("01_multicrop")
 knn = importlib.import_module("06_knn")
@@ -625,7 +626,7 @@ class Run:
     def __init__(self, args, model, image_size, kind):
         self.args, self.image_size, self.kind = args, image_size, kind
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.dtype = runtime.inference_dtype(self.device)
         self.model = model.to(self.device)
         self.reader = Reader(side=2 * image_size)  # at least twice the pixels the resize keeps
 
