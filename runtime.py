@@ -67,9 +67,9 @@ def autocast_dtype(precision):
 
 
 def inference_dtype(device):
-    """The evaluation scripts' autocast dtype (None: fp32), by auto_precision's rule, stated on stderr."""
+    """The evaluation scripts' autocast dtype (None: fp32), by auto_precision's rule, stated."""
     precision, why = auto_precision(device)
-    print(f"precision {precision}: {why}", file=sys.stderr)
+    print(f"precision {precision}: {why}")
     return autocast_dtype(precision)
 
 

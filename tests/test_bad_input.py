@@ -163,7 +163,7 @@ def test_generated_bytes_at_every_file_argument(name, flag, real, work):
     ("train", ["--out_dim", "-5"], "--out_dim: expected an integer in [1, 2^20]"),
     ("train", ["--warmup_epochs", "-1"], "--warmup_epochs: expected an integer >= 0"),
     ("train", ["--warmup_epochs", "3"], "cannot exceed --epochs (2)"),
-    ("train", ["--num_workers", "-1"], "--num_workers: expected an integer >= 0"),
+    ("train", ["--num_workers", "-1"], "--num_workers: expected 'auto' or an integer >= 0"),
     ("train", ["--drop_path_rate", "2"], "--drop_path_rate: expected a number in [0, 1)"),
     ("train", ["--saveckp_freq", "-1"], "--saveckp_freq: expected an integer >= 0"),
     ("train", ["--lr", "nan"], "--lr: expected a finite number > 0, got 'nan'"),
