@@ -407,6 +407,8 @@ def setup(args):
 # ---------------------------------------------------------------------------- main
 def main(args):
     dino, run = setup(args)
+    if run.rank == 0:
+        print(run.why)
     if args.benchmark or args.benchmark_data:
         return benchmark.measure(train_step, dino, run)
     if run.rank == 0:
@@ -415,7 +417,6 @@ def main(args):
                         for k, v in sorted(config.items())))
         print(f"device {run.device}, precision {run.precision}, compile {run.compiled}, "
               f"{run.world} process(es), {run.niter} iterations per epoch")
-        print(run.why)
         ckpt.save_json(config, run.out / "config.json")
         if run.resumed_from:
             print(f"resumed from {run.resumed_from} at epoch {run.start_epoch}, iteration {run.start_step}")
