@@ -223,7 +223,7 @@ def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, image_size, out_dir = prepare(args)
     model.to(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    dtype = runtime.inference_dtype(device)
     (train_f, train_l), (test_f, test_l), classes = embed_splits(model, args.data_path, image_size, device,
                                                                  args.batch_size_per_gpu, args.num_workers, dtype)
     n = len(train_l)  # k is at most the memory bank's size: a larger one is reported as what it is

@@ -75,14 +75,13 @@ def upsample(maps, patch_size):
 
 
 def save_figure(img, maps, patch_size, path, threshold=None, title=""):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
     H = maps.shape[0]
     shown = multicrop.denormalize(img[:, :maps.shape[1] * patch_size, :maps.shape[2] * patch_size])
     up = upsample(maps, patch_size)
     masks = upsample(threshold_masks(maps, threshold), patch_size) if threshold else None
-    fig, axes = plt.subplots(1, H + 2, figsize=(2.2 * (H + 2), 2.6))
+    fig = Figure(figsize=(2.2 * (H + 2), 2.6))
+    axes = fig.subplots(1, H + 2)
     axes[0].imshow(shown), axes[0].set_title("image")
     for i in range(H):
         axes[i + 1].imshow(up[i], cmap="inferno"), axes[i + 1].set_title(f"head {i}")
@@ -95,7 +94,6 @@ def save_figure(img, maps, patch_size, path, threshold=None, title=""):
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return up, masks
 
 

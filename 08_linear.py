@@ -174,10 +174,10 @@ def prepare(args):
 def main(args):
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    backbone, image_size, out_dir, train_set, val_set, val_to_train = prepare(args)
+    dtype = runtime.inference_dtype(device)
     if device.type == "cpu":  # as train.py: the loader's workers need cores too
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - args.num_workers)))
-    backbone, image_size, out_dir, train_set, val_set, val_to_train = prepare(args)
     backbone.to(device).eval().requires_grad_(False)
     batch = min(args.batch_size_per_gpu, len(train_set))  # what each step really sees, and so what scales the lr
     if batch < args.batch_size_per_gpu:

@@ -68,6 +68,7 @@ from torchvision.transforms import functional as TF
 import checkpoint as ckpt
 import cli
 import data
+import runtime
 
 multicrop = importlib.import_module("01_multicrop")
 knn = importlib.import_module("06_knn")
@@ -408,11 +409,10 @@ def thumb(img, side=96):
 
 def save_neighbours_figure(path, queries, panels, k):
     """queries: [(image, title)]; panels: [(model name, [[(image, title)] * k per query])], side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
     cols = len(panels) * (k + 1)  # the query, then each panel's k images with a blank column between panels
-    fig, axes = plt.subplots(len(queries), cols, figsize=(1.3 * cols, 1.5 * len(queries)), squeeze=False)
+    fig = Figure(figsize=(1.3 * cols, 1.5 * len(queries)))
+    axes = fig.subplots(len(queries), cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for r, (img, title) in enumerate(queries):
@@ -423,15 +423,13 @@ def save_neighbours_figure(path, queries, panels, k):
                 ax.imshow(im), ax.set_title(f"{name}\n{t}" if r == 0 and c == 0 else t, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def save_pairs_figure(path, pairs):
     """pairs: [(image_i, image_j, title)], one pair per column."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, len(pairs), figsize=(1.6 * len(pairs), 3.4), squeeze=False)
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
+    fig = Figure(figsize=(1.6 * len(pairs), 3.4))
+    axes = fig.subplots(2, len(pairs), squeeze=False)
     for c, (a, b, title) in enumerate(pairs):
         axes[0, c].imshow(a), axes[1, c].imshow(b)
         axes[0, c].set_title(title, fontsize=7)
@@ -439,7 +437,6 @@ def save_pairs_figure(path, pairs):
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- the official layouts
@@ -629,7 +626,7 @@ class Run:
     def __init__(self, args, model, image_size, kind):
         self.args, self.image_size, self.kind = args, image_size, kind
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.dtype = runtime.inference_dtype(self.device)
         self.model = model.to(self.device)
         self.reader = Reader(side=2 * image_size)  # at least twice the pixels the resize keeps
 

@@ -36,7 +36,6 @@ PRESETS = {
         "warmup_teacher_temp_epochs": 0,
         "freeze_last_layer": 0,  # no room for frozen prototypes in a short run
         "drop_path_rate": 0.0,  # no stochastic depth in a 6-block ViT
-        "num_workers": 1,
         "eval_every": 3,  # halfway and at the end
         "saveckp_freq": 0,
         "output_dir": "runs/cpu_course",
@@ -49,7 +48,6 @@ PRESETS["scenes_course"] = dict(
     global_size=64, local_size=32,  # 64 px scenes: 8 x 8 patches of 8 px, local crops of 4 x 4
     batch_size_per_gpu=32,  # a step four times dearer than the textures' at 64: half the batch, more steps
     steps=480, eval_every=1, saveckp_freq=1,  # a k-NN point and a checkpoint each sixth: the curves of emergence
-    num_workers=0,  # small in-memory images: crops are cheap, both cores compute
     output_dir="runs/scenes_course")
 
 
@@ -81,8 +79,8 @@ def get_args_parser():
                    help="epochs of linear tau_t warm-up (30 in the boosted recipe)")
     g = p.add_argument_group("optimization")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 on CUDA and on CPUs with AMX (no loss scaling needed), fp32 elsewhere; "
-                        "fp16 adds a GradScaler")
+                   help="auto: bf16 where the device multiplies it natively (GPUs from compute capability 8.0, CPUs with AMX "
+                        "or AVX-512 BF16), fp16 on older GPUs, fp32 elsewhere; fp16 adds a GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile student and teacher; default on for CUDA, off elsewhere")
     g.add_argument("--weight_decay", type=cmdline.nonneg_float, default=0.04,
@@ -123,7 +121,9 @@ def get_args_parser():
                    help="'auto': continue from output_dir/checkpoint.pth if it exists; a path; or 'none'")
     g.add_argument("--eval_every", type=cmdline.nonneg_int, default=0, help="k-NN evaluation every N epochs (0: never)")
     g.add_argument("--seed", type=cmdline.seed, default=0, help="initial weights, data order and crops all follow it")
-    g.add_argument("--num_workers", type=cmdline.nonneg_int, default=10, help="data-loading processes per GPU")
+    g.add_argument("--num_workers", type=cmdline.workers, default="auto",
+                   help="data-loading processes per GPU; auto: 10 (as official) on a GPU, and on a CPU-only run the "
+                        "number that paces the step best, from a batch of crops and a step timed at start")
     g.add_argument("--log_freq", type=cmdline.positive_int, default=10,
                    help="steps between progress updates (each one syncs)")
     g = p.add_argument_group("speed")

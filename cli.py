@@ -43,6 +43,12 @@ def number(kind, ok, domain):
 
 positive_int = number(int, lambda x: x >= 1, "an integer >= 1")
 nonneg_int = number(int, lambda x: x >= 0, "an integer >= 0")
+
+
+def workers(s):
+    return s if s == "auto" else number(int, lambda x: x >= 0, "'auto' or an integer >= 0")(s)
+
+
 seed = number(int, lambda x: 0 <= x < 2 ** 63, "an integer in [0, 2^63)")  # torch.manual_seed's range
 positive_float = number(float, lambda x: 0 < x < math.inf, "a finite number > 0")
 nonneg_float = number(float, lambda x: 0 <= x < math.inf, "a finite number >= 0")

@@ -86,6 +86,13 @@ class DeviceBatches:
 
 
 
+def batch_seconds(dataset, batch_size, seed, augment=None):
+    """(seconds, crops): one batch of crops made and finished in this process, as a worker would."""
+    t0 = time.perf_counter()
+    crops = CollateCrops(augment)([SeededCrops(dataset, seed)[i] for i in range(batch_size)])[0]
+    return time.perf_counter() - t0, crops
+
+
 def training_loader(dataset, batch_size, num_workers, seed, rank=0, world=1, device=torch.device("cpu"),
                     augment=None):
     """Shuffled full batches of multi-crop samples, seeded per (seed, epoch, image), finished on `device`;

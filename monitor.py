@@ -130,12 +130,11 @@ def drift_message(log_rows, K, window=3):
 
 
 def plot_curves(log_rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend stays as it is
     keys = [("loss", "loss = h + KL"), ("entropy", "teacher entropy h(P_t)"), ("kl", "KL(P_t || P_s)"),
             ("knn_top1", "k-NN top-1 (%)"), ("lr", "learning rate"), ("momentum", "teacher momentum")]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    fig = Figure(figsize=(12, 6))
+    axes = fig.subplots(2, 3)
     epochs = [r["epoch"] for r in log_rows]
     for ax, (k, title) in zip(axes.flat, keys):
         pts = [(r["epoch"], r[k]) for r in log_rows if r.get(k) is not None]
@@ -151,7 +150,4 @@ def plot_curves(log_rows, path):
         ax.set_title(title), ax.set_xlabel("epoch")
         ax.set_xlim(min(epochs, default=0) - 0.5, max(epochs, default=0) + 0.5)
     fig.tight_layout()
-    try:
-        checkpoint.write_atomic(path, lambda f: fig.savefig(f, dpi=80, format="png"))
-    finally:
-        plt.close(fig)
+    checkpoint.write_atomic(path, lambda f: fig.savefig(f, dpi=80, format="png"))

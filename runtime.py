@@ -3,9 +3,11 @@ stopping cleanly on Ctrl-C / SIGTERM. None of it is DINO; train.py calls it so t
 code can stay the paper's."""
 import contextlib
 import os
+import platform
 import shutil
 import signal
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -75,14 +77,73 @@ def pick_device(local_rank):
     return torch.device("cpu")
 
 
-def auto_precision(device):
-    """bf16 autocast where the hardware multiplies bf16 natively: CUDA GPUs, and CPUs with AMX tile units
-    (Intel Xeon since Sapphire Rapids), where a bf16 matrix product is much faster than fp32. Elsewhere bf16
-    is emulated and slower: fp32."""
+def auto_precision(device, capability=None, cpu_bf16=None):
+    """(precision, reason) for --precision auto: the fastest precision that trains safely on the device.
+    - CUDA: bf16 from compute capability 8.0 on (A100, RTX 30xx and later, H100), whose tensor cores multiply it
+      natively; below that (T4, V100) fp16 with loss scaling, the precision their tensor cores have.
+    - Apple GPUs (MPS): fp32, the precision every operation supports there.
+    - CPU: bf16 where the cores multiply bf16 natively (AMX tiles or AVX-512 BF16 instructions), fp32 where they
+      would emulate it (slower than fp32). Where PyTorch cannot read the CPU's features, a matrix product in
+      both precisions decides (about 0.1 s).
+    capability, cpu_bf16: the device's properties ((major, minor); the CPU's bf16 units by name, [] for none),
+    read from the device when not given (the tests give them)."""
     if device.type == "cuda":
-        return "bf16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private in PyTorch: absent means no
-    return "bf16" if device.type == "cpu" and amx() else "fp32"
+        major, minor = capability or torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return "bf16", f"compute capability {major}.{minor} multiplies bf16 natively"
+        return "fp16", f"compute capability {major}.{minor} has fp16 but no bf16 tensor cores: fp16 with loss scaling"
+    if device.type != "cpu":
+        return "fp32", f"{device.type}: fp32 (autocast there is not measured; try --precision fp16)"
+    units = cpu_bf16_units() if cpu_bf16 is None else cpu_bf16
+    if units is None:
+        speedup = bf16_speedup()
+        return ("bf16" if speedup > 1.3 else "fp32"), f"a bf16 matrix product runs {speedup:.1f}x as fast as fp32 here"
+    if units:
+        return "bf16", f"this CPU multiplies bf16 natively ({' and '.join(units)})"
+    return "fp32", "this CPU has no bf16 units (no AMX, no AVX-512 BF16): bf16 would be emulated, slower than fp32"
+
+
+def autocast_dtype(precision):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def inference_dtype(device):
+    """The evaluation scripts' autocast dtype (None: fp32), by auto_precision's rule, stated on stderr."""
+    precision, why = auto_precision(device)
+    print(f"precision {precision}: {why}", file=sys.stderr)
+    return autocast_dtype(precision)
+
+
+def cpu_bf16_units():
+    """The x86 CPU's native bf16 units by name ([] if none), or None where PyTorch cannot tell (other CPUs)."""
+    cpu = torch.cpu
+    if platform.machine().lower() not in ("x86_64", "amd64") or not hasattr(cpu, "_is_avx512_bf16_supported"):
+        return None
+    return [name for name, has in (("AMX", getattr(cpu, "_is_amx_tile_supported", lambda: False)()),
+                                   ("AVX-512 BF16", cpu._is_avx512_bf16_supported())) if has]
+
+
+def bf16_speedup(n=512, reps=8):
+    """fp32 time / bf16 time of an n x n matrix product on this CPU."""
+    seconds = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n).to(dtype)
+        a @ a  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ a
+        seconds.append(time.perf_counter() - t0)
+    return seconds[0] / seconds[1]
+
+
+def choose_workers(crops_s, step_s, threads, cores):
+    """Loader processes for a CPU-only run, from two measurements: seconds to make one batch of crops in one
+    process, and seconds of one training step on `threads` threads. With none, the training process makes each
+    batch, then steps (step + crops); w workers make batches beside a step that keeps min(threads, cores - w)
+    threads, and the slower of the two sets the pace."""
+    def pace(w):
+        return step_s + crops_s if w == 0 else max(step_s * threads / min(threads, cores - w), crops_s / w)
+    return min(range(cores), key=pace)
 
 
 def seed_everything(seed):

@@ -60,12 +60,14 @@ def main(args):
     cli.check_output_dir(out)
     runtime.seed_everything(args.seed)
     device = runtime.pick_device(0)
-    precision = args.precision if args.precision != "auto" else runtime.auto_precision(device)
+    precision = args.precision if args.precision != "auto" else runtime.auto_precision(device)[0]
     dtype = train.autocast_dtype(precision)
-    dataset, loader, _, workers = train.build_data(args, device, 0, 1)  # train.py's crops, seeds and loader
+    dataset, augment, _ = train.build_data(args)  # train.py's crops and seeds
     if len(dataset.classes) < 2:
         raise UsageError(f"{args.data_path} has {len(dataset.classes)} class; the supervised baseline needs labels: "
                          f"class folders under train/")
+    workers = args.num_workers if args.num_workers != "auto" else 0 if device.type == "cpu" else 10
+    loader = train.training_loader(dataset, args.batch_size_per_gpu, workers, args.seed, 0, 1, device, augment)
     budget = train.fit_to_budget(args, len(loader))
     niter = budget.niter
 

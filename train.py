@@ -13,6 +13,7 @@ log.txt, messages and curves in monitor.py.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import importlib
 import os
@@ -37,7 +38,8 @@ import multicrop_fast
 import runtime
 from arguments import check_args, parse_args
 from cli import UsageError
-from loader import DeviceBatches, training_loader
+from runtime import autocast_dtype
+from loader import DeviceBatches, batch_seconds, training_loader
 
 multicrop = importlib.import_module("01_multicrop")
 vits = importlib.import_module("02_vit")
@@ -150,6 +152,7 @@ class Run:
     start_step: int = 0
     log_rows: list = None  # log.txt rows of the epochs already done
     resumed_from: Path = None
+    why: str = ""  # the automatic choices (precision, loader workers) and their reasons
 
     @property
     def niter(self):  # iterations per epoch
@@ -281,17 +284,13 @@ def fit_to_budget(args, batches):
                   -(-args.eval_every * epochs // args.epochs))
 
 
-def autocast_dtype(precision):
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-def build_data(args, device, rank, world):
-    """The training set and its loader, (dataset, loader, shrink, workers). One sample = the 2 + N crops of one
-    image. By default the recipe is split (multicrop_fast.py): decode, crops and flips per image in the workers
-    (uint8), the colour operations batched where the model runs (in the workers on a CPU-only run);
-    --reference_mode runs the whole recipe per image in PIL, as the official code. Files far larger than these
-    crops need (phone photos for 32 px crops) are decoded once, shrunk to `shrink` px and kept in memory (not in
-    --reference_mode): every crop and the evaluation's resize still come from twice their pixels."""
+def build_data(args):
+    """The training set, (dataset, augment, shrink). One sample = the 2 + N crops of one image. By default the
+    recipe is split (multicrop_fast.py): decode, crops and flips per image in the loader (uint8), the colour
+    operations batched (`augment`) where the model runs (in the loader on a CPU-only run); --reference_mode runs
+    the whole recipe per image in PIL, as the official code. Files far larger than these crops need (phone photos
+    for 32 px crops) are decoded once, shrunk to `shrink` px and kept in memory (not in --reference_mode): every
+    crop and the evaluation's resize still come from twice their pixels."""
     crop_args = (tuple(args.global_crops_scale), tuple(args.local_crops_scale), args.local_crops_number,
                  args.global_size, args.local_size)
     if args.reference_mode:
@@ -303,14 +302,30 @@ def build_data(args, device, rank, world):
             [(args.global_size, args.global_crops_scale[0]), (knn.eval_resize(args.global_size), None)] +
             [(args.local_size, args.local_crops_scale[0])] * bool(args.local_crops_number))
     dataset = data.build_dataset(args.data_path, "pretrain", transform, loader=read, shrink=shrink)
-    if len(dataset) < args.batch_size_per_gpu * world:
-        raise UsageError(f"the dataset has {len(dataset)} images, fewer than one batch of "
-                         f"{args.batch_size_per_gpu * world} (batches are full, drop_last); lower --batch_size_per_gpu")
-    workers = min(args.num_workers, os.cpu_count() or 1)
-    if device.type == "cpu":  # the augmentation workers need cores too
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - workers)))
-    loader = training_loader(dataset, args.batch_size_per_gpu, workers, args.seed, rank, world, device, augment)
-    return dataset, loader, shrink, workers
+    return dataset, augment, shrink
+
+
+def loader_workers(args, dataset, augment, device, dino):
+    """(workers, reason). --num_workers auto: on a GPU the official 10, at most one per core; on a CPU-only run
+    the number that paces training best (runtime.choose_workers), from one batch of crops made here and a
+    training step timed on it (on a copy of the models). Leaves torch the cores the workers do not take."""
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    if args.num_workers != "auto" or device.type != "cpu":
+        workers = min(10 if args.num_workers == "auto" else args.num_workers, cores)
+        why = "--num_workers" if args.num_workers != "auto" else "auto, on a GPU: 10 as official, at most the cores"
+    else:
+        crops_s, crops = batch_seconds(dataset, args.batch_size_per_gpu, args.seed, augment)
+        trial = copy.deepcopy(dino)
+        for _ in range(2):  # the second is timed: the first allocates
+            t0 = time.perf_counter()
+            train_step(trial, crops, 0, 0)[0].item()
+        step_s = time.perf_counter() - t0
+        workers = runtime.choose_workers(crops_s, step_s, threads, cores)
+        why = (f"auto: a batch of crops takes {1000 * crops_s:.0f} ms to make, a step {1000 * step_s:.0f} ms on "
+               f"{threads} threads")
+    if device.type == "cpu":  # the workers need cores too
+        torch.set_num_threads(max(1, min(threads, cores - workers)))
+    return workers, why
 
 
 def build_dino(args, budget, device, precision, world):
@@ -348,13 +363,20 @@ def setup(args):
     cuda = device.type == "cuda"
     if args.reference_mode:  # the official computations: fp16 with a GradScaler on GPUs, eager
         precision, use_compile = ("fp16" if cuda else "fp32"), False
+        precision_why = "--reference_mode"
     else:
-        precision = args.precision if args.precision != "auto" else runtime.auto_precision(device)
+        precision, precision_why = (args.precision, "--precision") if args.precision != "auto" else \
+            runtime.auto_precision(device)
         use_compile = cuda if args.compile is None else args.compile
     resume = check_args(args)  # (path, state) of the checkpoint to continue from, or None
     runtime.seed_everything(args.seed)  # the same initial weights on every rank: the teacher is copied before DDP
-    dataset, loader, shrink, workers = build_data(args, device, rank, world)
-    budget = fit_to_budget(args, len(loader))
+    dataset, augment, shrink = build_data(args)
+    if len(dataset) < args.batch_size_per_gpu * world:
+        raise UsageError(f"the dataset has {len(dataset)} images, fewer than one batch of "
+                         f"{args.batch_size_per_gpu * world} (batches are full, drop_last); lower --batch_size_per_gpu")
+    def loader(workers):
+        return training_loader(dataset, args.batch_size_per_gpu, workers, args.seed, rank, world, device, augment)
+    budget = fit_to_budget(args, len(loader(0)))
     if budget.eval_every and not data.has_val(args.data_path):
         print(f"note: {args.data_path} has no val/ folder, so there is no k-NN evaluation during training",
               file=sys.stderr)
@@ -362,8 +384,10 @@ def setup(args):
     elif budget.eval_every and args.data_path not in data.BUILTIN:  # a val class train lacks: now, not epochs later
         knn.match_classes(dataset, data.build_dataset(args.data_path, "val"))  # dataset is train/ here
     dino = build_dino(args, budget, device, precision, world)
+    workers, workers_why = loader_workers(args, dataset, augment, device, dino)
     out = Path(args.output_dir)
-    run = Run(args, budget, device, precision, use_compile, rank, world, loader, workers, out, shrink, log_rows=[])
+    run = Run(args, budget, device, precision, use_compile, rank, world, loader(workers), workers, out, shrink,
+              log_rows=[], why=f"precision {precision}: {precision_why}; {workers} loader workers: {workers_why}")
     if resume:
         path, state = resume
         run.start_epoch, run.start_step = ckpt.load_checkpoint(state, path, dino, budget.niter)
@@ -390,6 +414,7 @@ def main(args):
                         for k, v in sorted(config.items())))
         print(f"device {run.device}, precision {run.precision}, compile {run.compiled}, "
               f"{run.world} process(es), {run.niter} iterations per epoch")
+        print(run.why)
         monitor.write_config(config, run.out)
         if run.resumed_from:
             print(f"resumed from {run.resumed_from} at epoch {run.start_epoch}, iteration {run.start_step}")

@@ -247,3 +247,49 @@ def test_short_epochs_checkpoint_about_once_a_minute_and_a_crash_loses_no_log_ro
     stop_after(monkeypatch, 6)  # Ctrl-C in the last step of the second epoch, within the minute: saved all the same
     assert run(argv + ["--output_dir", str(tmp_path / "stop")]) == 0
     assert saves[7:] == [1, 2] and torch.load(tmp_path / "stop" / "checkpoint.pth", weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.parametrize("device, props, expected", [
+    ("cuda", {"capability": (9, 0)}, "bf16"),  # H100
+    ("cuda", {"capability": (8, 0)}, "bf16"),  # A100
+    ("cuda", {"capability": (7, 5)}, "fp16"),  # T4: no bf16 tensor cores, fp16 with loss scaling
+    ("cuda", {"capability": (7, 0)}, "fp16"),  # V100
+    ("mps", {}, "fp32"),
+    ("cpu", {"cpu_bf16": ["AMX", "AVX-512 BF16"]}, "bf16"),  # Xeon since Sapphire Rapids
+    ("cpu", {"cpu_bf16": ["AVX-512 BF16"]}, "bf16"),  # AMD Zen 4 and later, Cooper Lake
+    ("cpu", {"cpu_bf16": []}, "fp32"),  # AVX2 only: bf16 would be emulated
+])
+def test_auto_precision_follows_what_the_device_multiplies_natively(device, props, expected):
+    precision, why = train.runtime.auto_precision(torch.device(device), **props)
+    assert precision == expected and why
+    assert train.autocast_dtype(precision) == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def test_a_cpu_whose_features_are_unknown_is_measured(monkeypatch):
+    assert 0 < train.runtime.bf16_speedup(n=64, reps=1) < 100  # a ratio of two timings
+    monkeypatch.setattr(train.runtime, "cpu_bf16_units", lambda: None)
+    monkeypatch.setattr(train.runtime, "bf16_speedup", lambda: 2.0)
+    assert train.runtime.auto_precision(torch.device("cpu"))[0] == "bf16"
+    monkeypatch.setattr(train.runtime, "bf16_speedup", lambda: 0.3)  # emulated: three times slower
+    assert train.runtime.auto_precision(torch.device("cpu"))[0] == "fp32"
+
+
+@pytest.mark.parametrize("crops_s, step_s, threads, cores, expected", [
+    (0.03, 0.20, 2, 2, 0),  # the course: cheap crops, both cores step
+    (0.50, 0.20, 2, 2, 1),  # large JPEGs: a worker keeps the step fed
+    (0.03, 0.20, 1, 2, 1),  # OMP_NUM_THREADS=1: the idle core makes the crops
+    (2.00, 0.20, 16, 16, 6),  # many cores, dear crops: as many workers as keep the step fed, no more
+    (0.50, 0.20, 1, 1, 0),  # one core: nowhere else to make them
+])
+def test_loader_workers_follow_the_measured_costs(crops_s, step_s, threads, cores, expected):
+    assert train.runtime.choose_workers(crops_s, step_s, threads, cores) == expected
+
+
+def test_auto_workers_measure_a_step_without_training_the_run(folder, tmp_path, capsys):
+    args = train.parse_args(TINY + ["--data_path", str(folder), "--num_workers", "auto",
+                                    "--output_dir", str(tmp_path)])
+    dino, run = train.setup(args)
+    before = [p.clone() for p in dino.student.parameters()]
+    workers, why = train.loader_workers(args, *train.build_data(args)[:2], run.device, dino)
+    assert workers in range(torch.get_num_threads() + 1) and "ms" in why
+    assert all(torch.equal(a, p) for a, p in zip(before, dino.student.parameters()))
