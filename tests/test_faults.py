@@ -38,6 +38,12 @@ def one_line(code, err, expected):
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, err
 
 
+def last_line(code, err, expected):
+    """After work has started (progress bars, notes): exit code 2, no traceback, and the contract's line last."""
+    assert code == 2 and "Traceback" not in err and err.splitlines()[-1].startswith("error: ") \
+        and expected in err.splitlines()[-1], err
+
+
 HOW_TO_PROCEED = "resume with the same flags, or start afresh with --resume none or a new --output_dir"
 
 
@@ -477,10 +483,8 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_no_temporary_fil
     monkeypatch.setattr(torch, "save", full)
     code, err = cli(TINY + ["--data_path", str(folder), "--output_dir", str(out), "--epochs", "2",
                             "--warmup_epochs", "0"], capsys)
-    assert code == 2 and "Traceback" not in err, err  # after the epoch's progress bar, the contract's line
-    assert err.splitlines()[-1].startswith(f"error: cannot write {out / 'checkpoint.pth'} ([enforce fail at "
-                                           f"inline_container.cc:672] . unexpected pos 4 vs 0); the checkpoint.pth "
-                                           f"there is unchanged; free some space")
+    last_line(code, err, f"error: cannot write {out / 'checkpoint.pth'} ([enforce fail at inline_container.cc:672] "
+                         f". unexpected pos 4 vs 0); the checkpoint.pth there is unchanged; free some space")
     assert (out / "checkpoint.pth").read_bytes() == good and not list(out.glob(".*tmp"))
     monkeypatch.setattr(torch, "save", save)  # space again: the same command continues
     assert cli(TINY + ["--data_path", str(folder), "--output_dir", str(out), "--epochs", "2",
@@ -495,8 +499,8 @@ def test_a_full_disk_at_an_evaluations_results_leaves_no_temporary_file(folder, 
     code = load("cli").run(knn.main, knn.get_args_parser().parse_args,
                            ["--raw_pixels", "--image_size", "16", "--num_workers", "0", "--data_path", str(folder),
                             "--output_dir", str(tmp_path / "k")])
-    one_line(code, capsys.readouterr().err, f"cannot write {tmp_path / 'k' / 'knn_raw_pixels.json'} (No space left "
-                                            f"on device); nothing was written")
+    last_line(code, capsys.readouterr().err, f"cannot write {tmp_path / 'k' / 'knn_raw_pixels.json'} (No space left "
+                                             f"on device); nothing was written")
     assert list((tmp_path / "k").iterdir()) == []
 
 
