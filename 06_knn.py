@@ -242,8 +242,8 @@ def main(args):
                     "image_size": image_size, "temperature": args.temperature,
                     "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in results.items()}},
                    out_dir / cli.results_name(args, "knn"))
-    if 20 in results:
-        print(f"k-NN top-1 (k=20): {results[20][0]:.2f}%")
+    if 20 in args.nb_knn:
+        print(f"k-NN top-1 (k={min(20, n)}): {results[min(20, n)][0]:.2f}%")
 
 
 if __name__ == "__main__":
