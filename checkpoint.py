@@ -45,7 +45,7 @@ def write_atomic(path, write):
     except BaseException as e:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
-        if not isinstance(e, (OSError, RuntimeError)):  # RuntimeError: torch.save's own, "unexpected pos" on a full disk
+        if not isinstance(e, (OSError, RuntimeError)):  # RuntimeError: torch.save's "unexpected pos" on a full disk
             raise
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or ["?"])[0][:200]
         kept = f"the {path.name} there is unchanged" if path.exists() else "nothing was written"

@@ -207,7 +207,8 @@ class SafeImageFolder(ImageFolder):
         samples.sort(key=lambda s: s[1])  # stable: by class, then as sorted(os.walk), torchvision's order
         empty = [c for c, i in class_to_idx.items() if i not in {i for _, i in samples}]
         if empty:
-            raise FileNotFoundError("no image files" + (f" in the class folders {_show(empty)}" if empty != [""] else ""))
+            raise FileNotFoundError(f"no image files in the class folders {_show(empty)}" if empty != [""] else
+                                    "no image files")
         return samples
 
     def __getitem__(self, i):
