@@ -101,7 +101,7 @@ def _note(message):
 def scan(top):
     """The regular files under `top`, in the order of sorted(os.walk(top, followlinks=True)), and what was left
     out, as "path (why)". Unlike os.walk: each real folder is read once, so that a link back up (`ln -s . loop`)
-    or to a folder read already is cut, not followed again and again (each image counted up to 40 times); hidden
+    or to a folder read already is cut, not followed again and again (its images counted once per turn); hidden
     files and folders are left out, as file browsers do (.ipynb_checkpoints, macOS's ._IMG.jpg); and so are
     FIFOs, devices and broken links (opening a FIFO named like an image waits forever)."""
     seen, found, cut = set(), [], []
