@@ -131,11 +131,10 @@ def match_classes(train_set, val_set):
     return torch.tensor([train_classes.index(c) for c in val_classes])
 
 
-def evaluate(backbone, data_path, image_size, device, nb_knn=(10, 20, 100, 200), temperature=0.07,
-             batch_size=256, num_workers=0, dtype=None, shrink=None):
-    """k-NN accuracies {k: (top1, top5)} of a backbone on a dataset's train (memory) and val (queries).
-    Images much larger than the evaluation needs are decoded once, shrunk, and kept (images.ShrunkImages):
-    to `shrink` px, or to what the resize needs."""
+def embed_splits(backbone, data_path, image_size, device, batch_size=256, num_workers=0, dtype=None, shrink=None):
+    """The memory bank and the queries: (train features, labels), (val features, labels in train's numbering), and
+    the number of classes. Images much larger than the evaluation needs are decoded once, shrunk, and kept
+    (images.ShrunkImages): to `shrink` px, or to what the resize needs."""
     tf = eval_transform(image_size)
     shrink = shrink or images.shrink_side([(eval_resize(image_size), None)])
     train_set = data.build_dataset(data_path, "train", tf, shrink=shrink)
@@ -143,9 +142,15 @@ def evaluate(backbone, data_path, image_size, device, nb_knn=(10, 20, 100, 200),
     val_to_train = match_classes(train_set, val_set)
     train_f, train_l = extract_features(backbone, train_set, device, batch_size, num_workers, dtype)
     test_f, test_l = extract_features(backbone, val_set, device, batch_size, num_workers, dtype)
-    test_l = val_to_train.to(test_l.device)[test_l]
-    return {k: knn_classifier(train_f, train_l, test_f, test_l, k, temperature, len(train_set.classes))
-            for k in nb_knn}
+    return (train_f, train_l), (test_f, val_to_train.to(test_l.device)[test_l]), len(train_set.classes)
+
+
+def evaluate(backbone, data_path, image_size, device, nb_knn=(10, 20, 100, 200), temperature=0.07,
+             batch_size=256, num_workers=0, dtype=None, shrink=None):
+    """k-NN accuracies {k: (top1, top5)} of a backbone on a dataset's train (memory) and val (queries)."""
+    (train_f, train_l), (test_f, test_l), classes = embed_splits(backbone, data_path, image_size, device, batch_size,
+                                                                 num_workers, dtype, shrink)
+    return {k: knn_classifier(train_f, train_l, test_f, test_l, k, temperature, classes) for k in nb_knn}
 
 
 def get_args_parser():
@@ -160,7 +165,7 @@ def get_args_parser():
                    help="T in exp(s / T), as in Wu et al. 2018")
     p.add_argument("--batch_size_per_gpu", type=cli.positive_int, default=256)
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2)
-    p.add_argument("--output_dir", default=None, help=cli.output_dir_help("knn"))
+    p.add_argument("--output_dir", type=cli.directory, default=None, help=cli.output_dir_help("knn"))
     return p
 
 
@@ -219,8 +224,14 @@ def main(args):
     model, image_size, out_dir = prepare(args)
     model.to(device)
     dtype = runtime.inference_dtype(device)
-    results = evaluate(model, args.data_path, image_size, device, args.nb_knn, args.temperature,
-                       args.batch_size_per_gpu, args.num_workers, dtype)
+    (train_f, train_l), (test_f, test_l), classes = embed_splits(model, args.data_path, image_size, device,
+                                                                 args.batch_size_per_gpu, args.num_workers, dtype)
+    n = len(train_l)  # k is at most the memory bank's size: a larger one is reported as what it is
+    results = {min(k, n): knn_classifier(train_f, train_l, test_f, test_l, k, args.temperature, classes)
+               for k in args.nb_knn}
+    if max(args.nb_knn) > n:
+        print(f"note: --nb_knn {' '.join(str(k) for k in args.nb_knn if k > n)} capped at the {n} training images: "
+              f"k = {n}")
     what = cli.source_name(args)
     print(f"{'pixels' if args.raw_pixels else f'{args.arch}/{args.patch_size}'} ({what}) on {args.data_path} "
           f"at {image_size} px")
@@ -231,8 +242,8 @@ def main(args):
                     "image_size": image_size, "temperature": args.temperature,
                     "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in results.items()}},
                    out_dir / cli.results_name(args, "knn"))
-    if 20 in results:
-        print(f"k-NN top-1 (k=20): {results[20][0]:.2f}%")
+    if 20 in args.nb_knn:
+        print(f"k-NN top-1 (k={min(20, n)}): {results[min(20, n)][0]:.2f}%")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def get_args_parser():
                    help="shorter side in pixels; default: a train.py checkpoint's global crop size, else 480")
     p.add_argument("--threshold", type=cli.fraction, default=None,
                    help="also outline the smallest set of patches holding this share of each head's attention")
-    p.add_argument("--output_dir", default="attention")
+    p.add_argument("--output_dir", type=cli.directory, default="attention")
     return p
 
 

@@ -145,7 +145,7 @@ def get_args_parser():
     p.add_argument("--data_path", default="textures",
                    help="ImageFolder with train/ and val/, or " + ", ".join(data.BUILTIN))
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2)
-    p.add_argument("--output_dir", default=None, help=cli.output_dir_help("linear"))
+    p.add_argument("--output_dir", type=cli.directory, default=None, help=cli.output_dir_help("linear"))
     return p
 
 
@@ -164,6 +164,9 @@ def prepare(args):
     train_tf = eval_tf if args.precomputed else train_transform(image_size)
     shrink = images.shrink_side([(image_size, 0.08), (knn.eval_resize(image_size), None)])  # large files: once
     train_set = data.build_dataset(args.data_path, "train", train_tf, shrink=shrink)
+    if len(train_set.classes) < 2:  # every answer would be right: 100 % that means nothing
+        raise cli.UsageError(f"the training images of {args.data_path} are of one class ({train_set.classes[0]}); "
+                             f"a linear probe needs at least two: add class folders (ROOT/train/CLASS/image.jpg)")
     val_set = data.build_dataset(args.data_path, "val", eval_tf, shrink=shrink)
     return backbone, image_size, out_dir, train_set, val_set, knn.match_classes(train_set, val_set)
 
@@ -176,9 +179,13 @@ def main(args):
     if device.type == "cpu":  # as train.py: the loader's workers need cores too
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - args.num_workers)))
     backbone.to(device).eval().requires_grad_(False)
+    batch = min(args.batch_size_per_gpu, len(train_set))  # what each step really sees, and so what scales the lr
+    if batch < args.batch_size_per_gpu:
+        print(f"note: --batch_size_per_gpu {args.batch_size_per_gpu} is more than the {batch} training images: "
+              f"batches of {batch}, and the lr scaled by {batch} / 256")
 
     def loader(dataset, shuffle):
-        return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size_per_gpu, shuffle=shuffle,
+        return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=shuffle,
                                            num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                            worker_init_fn=runtime.ignore_stop_signals)
 
@@ -190,17 +197,17 @@ def main(args):
     val_y = val_to_train.to(device)[val_y]
     if args.precomputed:
         train_z, train_y = extract(train_set)
-        epoch_batches = partial(in_memory_batches, train_z, train_y, args.batch_size_per_gpu)
+        epoch_batches = partial(in_memory_batches, train_z, train_y, batch)
     else:
         epoch_batches = partial(feature_batches, backbone, loader(train_set, True), args, device, dtype)
     num_labels = len(train_set.classes)
     classifier = LinearClassifier(val_z.shape[1], num_labels).to(device)
-    lr = args.lr * args.batch_size_per_gpu / 256  # the linear scaling rule, one process
+    lr = args.lr * batch / 256  # the linear scaling rule, one process
     what = cli.source_name(args)
     z_desc = ("pixels" if args.raw_pixels else f"{args.arch}/{args.patch_size}, CLS of the last "
               f"{args.n_last_blocks} blocks" + (" + mean patch token" if args.avgpool_patchtokens else ""))
     print(f"{z_desc} ({what}) on {args.data_path} at {image_size} px: {val_z.shape[1]} features, {num_labels} "
-          f"classes; {args.epochs} epochs, batch {args.batch_size_per_gpu}, lr {lr:g}, "
+          f"classes; {args.epochs} epochs, batch {batch}, lr {lr:g}, "
           f"{'precomputed features' if args.precomputed else 'augmented training images'}")
     train_linear(classifier, epoch_batches, args.epochs, lr)
     top1, top5 = accuracy(classifier, val_z, val_y)
@@ -209,7 +216,7 @@ def main(args):
     ckpt.save_json({"source": str(what), "arch": args.arch, "patch_size": args.patch_size, "data_path": args.data_path,
                     "image_size": image_size, "n_last_blocks": args.n_last_blocks,
                     "avgpool_patchtokens": args.avgpool_patchtokens, "precomputed": args.precomputed,
-                    "epochs": args.epochs, "batch_size": args.batch_size_per_gpu, "lr": lr,
+                    "epochs": args.epochs, "batch_size": batch, "lr": lr,
                     "top1": top1, "top5": top5}, out_dir / cli.results_name(args, "linear"))
     print(f"linear top-1: {top1:.2f}%")
 

@@ -537,7 +537,7 @@ def add_source(p, features=False):
                         "concatenated, the paper's copy-detection descriptor")
     p.add_argument("--batch_size", type=cli.positive_int, default=64, help="images decoded and embedded at once")
     p.add_argument("--num_workers", type=cli.nonneg_int, default=2, help="processes decoding images")
-    p.add_argument("--output_dir", default="retrieval", help="where the outputs go")
+    p.add_argument("--output_dir", type=cli.directory, default="retrieval", help="where the outputs go")
 
 
 def add_folder(p, size_default=None, size_help="square resize; default: a train.py checkpoint's crop size, else 224"):

@@ -207,7 +207,7 @@ def get_args_parser():
     p.add_argument("--threshold", type=cli.fraction, default=0.6, help="t: the share of each head's attention kept")
     p.add_argument("--figure", type=cli.nonneg_int, default=0, metavar="N",
                    help="also save segmentation.png with N scenes: image, attention, mask, ground truth")
-    p.add_argument("--output_dir", default=None, help=cli.output_dir_help("jaccard"))
+    p.add_argument("--output_dir", type=cli.directory, default=None, help=cli.output_dir_help("jaccard"))
     return p
 
 

@@ -376,7 +376,7 @@ def get_args_parser():
                    help="neighbours each patch takes its labels from, over the whole context")
     p.add_argument("--temperature", type=cli.positive_float, default=0.1,
                    help="T in exp(cos / T): how much closer neighbours outweigh the others among the top k")
-    p.add_argument("--output_dir", default="video_segmentation",
+    p.add_argument("--output_dir", type=cli.directory, default="video_segmentation",
                    help="where SEQ/*.png (palette PNGs, as DAVIS's) and scores.json go")
     return p
 

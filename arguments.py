@@ -114,7 +114,7 @@ def get_args_parser():
     g = p.add_argument_group("data, output, runtime")
     g.add_argument("--data_path", default="textures",
                    help=f"an ImageFolder directory (its train/ when present) or one of {', '.join(data.BUILTIN)}")
-    g.add_argument("--output_dir", default="runs/dino", help="checkpoints, log.txt, curves.png")
+    g.add_argument("--output_dir", type=cmdline.directory, default="runs/dino", help="checkpoints, log.txt, curves.png")
     g.add_argument("--saveckp_freq", type=cmdline.nonneg_int, default=20,
                    help="also keep checkpointNNNN.pth after epochs 0, N, 2N, ... (NNNN counts from 0, as official)")
     g.add_argument("--resume", default="auto",

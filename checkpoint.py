@@ -25,25 +25,44 @@ class CheckpointError(Exception):
     """A weights file that cannot be used: the message names the problem and the fix."""
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file beside `path`, flush it to disk, then rename: a crash at any
-    moment leaves either the old complete file or the new complete file, never half of one."""
+class WriteError(Exception):
+    """A result that could not be written (a full disk): the message names the file and says what was kept."""
+
+
+def write_atomic(path, write):
+    """write(f) into a temporary file beside `path`, flushed to disk, then renamed: a crash at any moment leaves
+    either the old complete file or the new complete file, never half of one. A failed write (a full disk) leaves
+    the old file and no temporary one, and is a WriteError that says so."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):  # RuntimeError: torch.save's "unexpected pos" on a full disk
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or ["?"])[0][:200]
+        kept = f"the {path.name} there is unchanged" if path.exists() else "nothing was written"
+        raise WriteError(f"cannot write {path} ({reason}); {kept}; free some space (or choose another "
+                         f"--output_dir) and run the same command again") from None
+
+
+def save_atomic(obj, path):
+    """torch.save, atomically (write_atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_file(path):
     """torch.load(weights_only=True) with one-line errors instead of tracebacks, whatever the bytes."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass the checkpoint file in it (e.g. {path / 'checkpoint.pth'})")
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass the path of a .pth file")
     try:
@@ -75,15 +94,16 @@ RELEASED = {
 }
 
 
-def load_released(name):
-    """The released backbone `name`, downloaded on first use into torch.hub's cache (with its progress bar)."""
+def load_released(name, offline="or pass its path as --pretrained"):
+    """The released backbone `name`, downloaded on first use into torch.hub's cache (with its progress bar).
+    offline: the other way to the weights, in the words of the caller's interface."""
     url = RELEASED[name][2]
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
     except OSError as e:  # URLError (offline) is an OSError
         raise CheckpointError(f"cannot download {url} ({getattr(e, 'reason', e)}); offline, fetch that file elsewhere "
-                              f"and put it at {cached}, or pass its path as --pretrained") from None
+                              f"and put it at {cached}, {offline}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise CheckpointError(f"{cached} is not a readable PyTorch checkpoint ({str(e).splitlines()[0][:200]}); "
                               f"delete it to download it again") from None
@@ -148,10 +168,7 @@ def load_strict(module, state_dict, what):
 def save_json(obj, path):
     """Small JSON results, written atomically like the checkpoints."""
     import json
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 # ---------------------------------------------------------------------------- a training run's checkpoints
@@ -162,6 +179,15 @@ def checkpoint_state(dino, config, epoch, step):
     return {"student": student.state_dict(), "teacher": dino.teacher.state_dict(),
             "optimizer": dino.optimizer.state_dict(), "dino_loss": dino.loss_fn.state_dict(),
             "epoch": epoch, "step": step, "args": config, "scaler": dino.scaler.state_dict()}
+
+
+def checkpoint_bytes(dino):
+    """About the size of checkpoint_state(dino): the state dicts, and the optimizer's moments of the student's
+    trainable parameters (AdamW keeps two, SGD one; none exist before the first step, so they are counted here)."""
+    state = sum(t.numel() * t.element_size() for m in (dino.student, dino.teacher, dino.loss_fn)
+                for t in m.state_dict().values())
+    moments = 2 if isinstance(dino.optimizer, torch.optim.AdamW) else 1
+    return state + moments * sum(p.numel() * p.element_size() for p in dino.student.parameters() if p.requires_grad)
 
 
 SAVE_EVERY_S = 60  # epochs of a few seconds (small folders) are checkpointed about once a minute, not each time
@@ -176,16 +202,17 @@ class RunCheckpoints:
     def __init__(self, out, saveckp_freq):
         self.out, self.saveckp_freq, self.saved_at = Path(out), saveckp_freq, -math.inf
 
-    def save(self, state, epoch, done, last):
-        """After `epoch`, finished if `done`; `last`: the run's last epoch, or a stop. Whether checkpoint.pth was
-        written."""
-        due = not done or last or time.monotonic() - self.saved_at >= SAVE_EVERY_S
+    def due(self, done, last):
+        """Whether checkpoint.pth is to be written after an epoch, finished if `done`; `last`: the run's last epoch,
+        or a stop."""
+        return not done or last or time.monotonic() - self.saved_at >= SAVE_EVERY_S
+
+    def save(self, state, epoch, done, due):
         if due:
             save_atomic(state, self.out / "checkpoint.pth")
             self.saved_at = time.monotonic()
         if done and self.saveckp_freq and epoch % self.saveckp_freq == 0:
             save_atomic(state, self.out / f"checkpoint{epoch:04d}.pth")  # 0000: after the first epoch
-        return due
 
 
 # what a checkpoint's network and optimizer state are made for: a resumed run must have the same

@@ -11,6 +11,7 @@ Rules across flags stay in each CLI's own checking function, which runs before a
 import argparse
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ class UsageError(Exception):
     """Bad command-line input that no single flag's type can see: the message names the problem and the fix."""
 
 
-ERRORS = (UsageError, images.DataError, checkpoint.CheckpointError)
+ERRORS = (UsageError, images.DataError, checkpoint.CheckpointError, checkpoint.WriteError)
 
 
 def number(kind, ok, domain):
@@ -58,6 +59,13 @@ cosine = number(float, lambda x: -1 <= x <= 1, "a cosine similarity in [-1, 1]")
 MAX_PATCH = 64  # pixels per patch side: the patch embedding holds 3 x patch^2 weights per channel
 patch_size = number(int, lambda x: 1 <= x <= MAX_PATCH, f"an integer in [1, {MAX_PATCH}]")
 MAX_SIDE = 128  # patches per side of an image: beyond, the attention of one image needs gigabytes
+
+
+def directory(s):
+    """An output folder's path: an empty one would be the current directory, filled with a run's files unasked."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError(f"expected a directory, got {s!r} (for the current directory, pass .)")
+    return s
 
 
 def bool_flag(s):
@@ -148,8 +156,12 @@ def output_dir_help(stem):
             f"({stem}_random_init.json, {stem}_raw_pixels.json for the baselines)")
 
 
+MIN_FREE = 1 << 20  # bytes: room for an evaluation's results; train.py checks for its checkpoint's size
+
+
 def check_output_dir(path, flag="--output_dir"):
-    """Before any work: an output folder that is a file, or that cannot be created or written to, is an error."""
+    """Before any work: an output folder that is a file, that cannot be created or written to, or on a full disk,
+    is an error."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is an existing file; pass a directory")
@@ -157,3 +169,6 @@ def check_output_dir(path, flag="--output_dir"):
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write to {flag} {path} ({existing} is not a writable directory); "
                          f"choose a writable directory")
+    if shutil.disk_usage(existing).free < MIN_FREE:  # found now, not after the work whose results it would hold
+        raise UsageError(f"cannot write to {flag} {path}: the disk of {existing} is full; free some space or "
+                         f"choose another directory")

@@ -89,41 +89,94 @@ class TexturesDataset(torch.utils.data.Dataset):
 
 
 
-_NOTED = set()  # what was said once per folder already
+_NOTED = set()  # the notes given already: the k-NN evaluation builds its datasets again each time
 
 
-def _left_out(root):
-    """("2 .heic, 1 .txt", "; convert ..."): the files under root that ImageFolder leaves out, by extension."""
+def _note(message):
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
+def scan(top):
+    """The regular files under `top`, in the order of sorted(os.walk(top, followlinks=True)), and what was left
+    out, as "path (why)". Unlike os.walk: each real folder is read once, so that a link back up (`ln -s . loop`)
+    or to a folder read already is cut, not followed again and again (its images counted once per turn); hidden
+    files and folders are left out, as file browsers do (.ipynb_checkpoints, macOS's ._IMG.jpg); and so are
+    FIFOs, devices and broken links (opening a FIFO named like an image waits forever)."""
+    seen, found, cut = set(), [], []
+
+    def visit(folder):
+        here = os.path.realpath(folder)
+        seen.add(here)
+        files = []
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:  # an unreadable folder
+            cut.append(f"{folder} ({e.strerror or e})")
+            return
+        for e in entries:
+            path = os.path.join(folder, e.name)
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                target = os.path.realpath(path)
+                if os.path.commonpath([target, here]) == target:  # the folder itself or one above it
+                    cut.append(f"{path} (a link back to {target}: a loop)")
+                elif target in seen:
+                    cut.append(f"{path} (a link to {target}, read already)")
+                else:
+                    visit(path)
+            elif e.is_file():
+                files.append(path)
+            else:
+                cut.append(f"{path} ({'a broken link' if e.is_symlink() else 'not a regular file'})")
+        found.append((folder, files))
+
+    visit(str(top))
+    return [f for _, files in sorted(found) for f in files], cut
+
+
+def _left_out(files):
+    """("2 .heic, 1 .txt", "; convert ..."): the files that ImageFolder leaves out, by extension."""
     others = {}
-    for _, _, files in os.walk(root, followlinks=True):
-        for f in files:
-            ext = os.path.splitext(f)[1].lower() or "no extension"
-            if not f.startswith(".") and ext not in IMG_EXTENSIONS:
-                others[ext] = others.get(ext, 0) + 1
+    for f in files:
+        ext = os.path.splitext(f)[1].lower() or "no extension"
+        if ext not in IMG_EXTENSIONS:
+            others[ext] = others.get(ext, 0) + 1
     fix = "; convert the HEIC photos to JPEG to use them" if {".heic", ".heif"} & set(others) else ""
     return ", ".join(f"{n} {ext}" for ext, n in sorted(others.items(), key=lambda kv: -kv[1])), fix
 
 
+def _show(items, n=4):
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
 class SafeImageFolder(ImageFolder):
     """torchvision's ImageFolder, read with open_image (or `loader`); an unreadable file is skipped with one
-    warning naming it (a few corrupt files in a million should not end a run of days). With `flat`, a folder of
-    images without class folders is one unlabelled set (DINO needs no labels); files that are not images it
-    reads (an iPhone's .heic) are named once, by extension, as left out."""
+    warning naming it (a few corrupt files in a million should not end a run of days). Folders are read with
+    `scan`: links followed once, hidden folders and special files left out, and named. With `flat`, a folder
+    holding images (beside subfolders or not) is one unlabelled set of all the images under it (DINO needs no
+    labels); files that are not images it reads (an iPhone's .heic) are named once, by extension, as left out."""
 
     def __init__(self, root, transform=None, loader=None, side=None, flat=False):
-        self.flat = flat  # before ImageFolder's constructor, which calls find_classes
+        self.flat, self.beside = flat, []  # before ImageFolder's constructor, which calls find_classes
+        self.files, self.cut = None, []  # what make_dataset found under root
         try:
             super().__init__(root, transform=transform, loader=loader or open_image)
         except (FileNotFoundError, RuntimeError) as e:
-            found, fix = _left_out(root)
+            found, fix = _left_out(self.files if self.files is not None else scan(root)[0])
             found = f"; the files there are not images it can read ({found}){fix}" if found else ""
             raise DataError(f"no images in {root} ({e}); expected ROOT/class_name/image.jpg"
                             f"{' or ROOT/image.jpg' if flat else ''}{found}") from None
-        if root not in _NOTED:  # once per folder: the k-NN evaluation builds its datasets again each time
-            _NOTED.add(root)
-            found, fix = _left_out(root)
-            if found:
-                print(f"note: files left out of {root} (not images it can read): {found}{fix}", file=sys.stderr)
+        found, fix = _left_out(self.files)
+        if found:
+            _note(f"files left out of {root} (not images it can read): {found}{fix}")
+        if self.cut:
+            _note(f"left out of {root}: {_show(self.cut)}")
+        if self.beside:
+            _note(f"{root} holds images beside its folders ({_show(self.beside)}): all {len(self)} images under it "
+                  f"are one training set")
         for path, _ in self.samples[:16]:  # unreadable data fails now, not later inside a loader worker
             try:
                 open_image(path, side)  # `side`: a large JPEG is decoded at reduced size
@@ -133,9 +186,30 @@ class SafeImageFolder(ImageFolder):
         raise DataError(f"the first images in {root} are all unreadable (the last: {last}); check the data")
 
     def find_classes(self, directory):
-        if self.flat and not any(e.is_dir() for e in os.scandir(directory)):  # ROOT/image.jpg
+        entries = [e for e in os.scandir(directory) if not e.name.startswith(".")]
+        folders = sorted(e.name for e in entries if e.is_dir())
+        if self.flat and (not folders or any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)
+                                             for e in entries)):  # ROOT/image.jpg
+            self.beside = folders
             return [""], {"": 0}
-        return super().find_classes(directory)
+        if not folders:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        return folders, {c: i for i, c in enumerate(folders)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """(path, class index) of every image under `directory`, class folder by class folder, read by `scan`."""
+        self.files, self.cut = scan(directory)
+        samples = []
+        for path in self.files:
+            c = "" if "" in class_to_idx else os.path.relpath(path, directory).split(os.sep)[0]
+            if c in class_to_idx and path.lower().endswith(IMG_EXTENSIONS):
+                samples.append((path, class_to_idx[c]))
+        samples.sort(key=lambda s: s[1])  # stable: by class, then as sorted(os.walk), torchvision's order
+        empty = [c for c, i in class_to_idx.items() if i not in {i for _, i in samples}]
+        if empty:
+            raise FileNotFoundError(f"no image files in the class folders {_show(empty)}" if empty != [""] else
+                                    "no image files")
+        return samples
 
     def __getitem__(self, i):
         if i >= len(self):  # the end of a plain for loop; only the skipping below wraps around
@@ -192,7 +266,8 @@ def build_dataset(data_path, split, transform=None, download_dir=None, loader=No
     if sub.is_dir():
         root = sub
     elif split == "val":
-        raise DataError(f"{data_path} has no val/ folder; k-NN evaluation needs ROOT/train and ROOT/val")
+        raise DataError(f"{data_path} has no val/ folder; the evaluations need ROOT/train and ROOT/val, with a "
+                        f"folder per class in each")
     dataset = SafeImageFolder(str(root), transform, loader, shrink, flat=split == "pretrain")
     paths = [p for p, _ in dataset.samples]
     per_image = shrunk_bytes(paths, shrink) if shrink else None
@@ -200,37 +275,21 @@ def build_dataset(data_path, split, transform=None, download_dir=None, loader=No
     if per_image and per_image * len(paths) <= KEEP_BYTES:
         dataset.loader = ShrunkImages(paths, shrink, what)
     elif per_image:  # too many to keep: each read decodes at reduced size (the training crops do so anyway)
-        if (root, "large") not in _NOTED:
-            _NOTED.add((root, "large"))
-            print(f"note: {len(paths)} {what} are far larger than needed at this resolution, and too many to keep "
-                  f"in memory once shrunk ({per_image * len(paths) / 2 ** 30:.1f} GiB): each read decodes them at "
-                  f"reduced size", file=sys.stderr)
+        _note(f"{len(paths)} {what} are far larger than needed at this resolution, and too many to keep in memory "
+              f"once shrunk ({per_image * len(paths) / 2 ** 30:.1f} GiB): each read decodes them at reduced size")
         if loader is None:
             dataset.loader = functools.partial(open_image, side=shrink)
     return dataset
 
 
 if __name__ == "__main__":
-    import argparse
-
-    from makers import MAKERS
-    parser = argparse.ArgumentParser(description="draw the embedded textures and scenes, or build a small ImageFolder")
+    import cli
+    from makers import MAKERS, make
+    parser = cli.Parser(description="draw the embedded textures and scenes, or build a small ImageFolder")
     parser.add_argument("--make", nargs=2, metavar=("NAME", "DIR"), help=f"NAME: one of {', '.join(MAKERS)}")
-    cli = parser.parse_args()
-    if cli.make:
-        name, out = cli.make
-        problem = None
-        if name not in MAKERS:
-            problem = f"unknown dataset {name}; choose from {', '.join(MAKERS)}"
-        elif Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
-            problem = f"{out} exists and is not an empty directory; choose a new directory"
-        if problem:  # one line and exit code 2, as the other command lines
-            print(f"error: {problem}", file=sys.stderr)
-            raise SystemExit(2)
-        MAKERS[name](out)
-        n = {split: sum(1 for _ in (Path(out) / split).rglob("*.*")) for split in ("train", "val")}
-        print(f"{name}: {n['train']} training and {n['val']} validation images in {out}")
-        raise SystemExit(0)
+    args = parser.parse_args()
+    if args.make:  # errors: one line and exit code 2, as the other command lines
+        sys.exit(cli.run(lambda a: make(*a.make), lambda _: args))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

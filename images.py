@@ -58,8 +58,15 @@ def open_image(path, side=None):
 
 def path_if_jpeg(path):
     """The split multi-crop's loader: a JPEG stays a path, which the transform decodes at reduced size when its
-    crops allow (a truncated one fails there, as an OSError); any other file goes through open_image."""
-    return path if str(path).lower().endswith((".jpg", ".jpeg")) else open_image(path)
+    crops allow (a truncated one fails there, as an OSError); any other file goes through open_image, as in the
+    evaluations. A JPEG is known by its first bytes, not its name: a 16-bit PNG named .jpg must not reach PIL's
+    plain RGB conversion, which turns it white."""
+    try:
+        with open(path, "rb") as f:
+            jpeg = f.read(3) == b"\xff\xd8\xff"
+    except OSError:
+        jpeg = False  # open_image names the problem
+    return path if jpeg else open_image(path)
 
 
 def shrink_side(outputs):

@@ -5,6 +5,9 @@ folder for timing the input pipeline. The same files and seed give the same fold
 scikit-image and scikit-learn are needed here only, never for training.
 """
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +119,33 @@ MAKERS = {
     "jpegs": make_jpegs,  # 400 ImageNet-size JPEGs, for timing the input pipeline
     "scenes": lambda out: __import__("scenes").write_folders(out),  # the embedded scenes, also as VOC and DAVIS
 }
+
+
+def make(name, out):
+    """`python data.py --make NAME DIR`: MAKERS[name] into DIR, a new or empty folder. It is built in a hidden
+    folder beside DIR and renamed to DIR when complete, so that a failure (a full disk, Ctrl-C) leaves no
+    half-written DIR to block the next try."""
+    from checkpoint import WriteError
+    from cli import UsageError, check_output_dir
+    out = Path(out)
+    if name not in MAKERS:
+        raise UsageError(f"unknown dataset {name}; choose from {', '.join(MAKERS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not an empty directory; choose a new directory")
+    check_output_dir(out, "DIR")
+    where = next(p for p in out.absolute().parents if p.exists())  # the deepest existing folder above DIR
+    tmp = None
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=where)
+        MAKERS[name](tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)  # onto an empty folder too
+    except BaseException as e:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write {out} ({e.strerror or e}); nothing was left behind; free some space "
+                             f"and run the same command again") from None
+        raise
+    n = {split: sum(1 for _ in (out / split).rglob("*.*")) for split in ("train", "val")}
+    print(f"{name}: {n['train']} training and {n['val']} validation images in {out}")

@@ -7,13 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+import checkpoint
+
 
 def log_epoch(row, log_rows, out, draw=True):
     """A line of out/log.txt, curves.png redrawn (if `draw`), a line on the console, and plain words if it
     collapses. log_rows: the run's rows so far, `row` appended."""
     log_rows.append(row)
-    with open(Path(out) / "log.txt", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    write_log(log_rows, Path(out) / "log.txt")
     if draw:
         plot_curves(log_rows, Path(out) / "curves.png")
     knn_str = f", k-NN top-1 {row['knn_top1']:.1f}%" if "knn_top1" in row else ""
@@ -28,17 +29,63 @@ def log_epoch(row, log_rows, out, draw=True):
         print(msg, file=sys.stderr)
 
 
+def write_log(rows, path):
+    """log.txt, one JSON line per row, rewritten whole and atomically: never a row cut short."""
+    checkpoint.write_atomic(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+
+
 def read_log(path, epochs, rewrite=True):
     """The rows of log.txt (at `path`) of the first `epochs` epochs, those a resumed run keeps; with `rewrite`,
-    the file is cut to them: epochs logged after the checkpoint are trained and logged again."""
+    the file is cut to them: epochs logged after the checkpoint are trained and logged again. A line that is not a
+    row (cut short by a kill or a full disk while an append wrote it) is dropped, with a note."""
     path = Path(path)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows, bad = [], []
+    for i, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            rows.append(row)
+        else:
+            bad.append(i)
+    if bad:
+        print(f"note: dropped line {', '.join(map(str, bad))} of {path}: not a whole row (cut short by a kill or a "
+              f"full disk while it was written)", file=sys.stderr)
     kept = [r for r in rows if r["epoch"] < epochs]
-    if len(kept) < len(rows) and rewrite:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+    if (bad or len(kept) < len(rows)) and rewrite:
+        write_log(kept, path)
     return kept
+
+
+def write_config(config, out):
+    """config.json, this start's configuration. When it differs from the last start's (a resume with other flags),
+    that one is kept as config_1.json, config_2.json, ... (every configuration of the run, in order) and the
+    changed flags are named."""
+    path = Path(out) / "config.json"
+    now = json.loads(json.dumps(config))  # as JSON reads it back: tuples become lists
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or not readable
+        before = now
+    if before != now:
+        n = 1
+        while (kept := path.with_name(f"config_{n}.json")).exists():
+            n += 1
+        os.replace(path, kept)
+        changed = [f"--{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v]
+        print(f"note: flags changed since the last start: {', '.join(changed)}; that start's configuration is kept "
+              f"in {kept}", file=sys.stderr)
+    checkpoint.save_json(config, path)
+
+
+def non_finite_message(it, epoch, last_checkpoint):
+    return (f"error: the loss is not finite at iteration {it} (epoch {epoch}). Likely causes: fp16 with small patches "
+            f"(use --precision bf16 or fp32), a too high --lr, or --teacher_temp above 0.07. " +
+            (f"The last good checkpoint is {last_checkpoint} (nothing was written after the failure)."
+             if last_checkpoint.exists() else "Nothing was written: the run had not saved a checkpoint yet."))
 
 
 def collapse_message(entropy, kl, K):
@@ -103,6 +150,4 @@ def plot_curves(log_rows, path):
         ax.set_title(title), ax.set_xlabel("epoch")
         ax.set_xlim(min(epochs, default=0) - 0.5, max(epochs, default=0) + 0.5)
     fig.tight_layout()
-    tmp = Path(path).with_name(".curves.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    checkpoint.write_atomic(path, lambda f: fig.savefig(f, dpi=80, format="png"))

@@ -178,12 +178,13 @@ def fit(dino, run, stop):
                                batch_size=256, num_workers=run.workers, dtype=autocast_dtype(run.precision),
                                shrink=run.shrink)
             row["knn_top1"], row["knn_top5"] = res[20]
-        if run.rank == 0:
+        if run.rank == 0:  # the log row first: a checkpoint never holds an epoch that log.txt lacks
             state = ckpt.checkpoint_state(dino, config, epoch + 1 if done else epoch, 0 if done else step)
-            saved = checkpoints.save(state, epoch, done, last or stop.requested)
+            due = checkpoints.due(done, last or stop.requested)
             if done:
                 row.update(epoch=epoch, out_dim=args.out_dim, teacher_temp=dino.loss_fn.teacher_temp(epoch))
-                monitor.log_epoch(row, run.log_rows, out, draw=saved)
+                monitor.log_epoch(row, run.log_rows, out, draw=due)
+            checkpoints.save(state, epoch, done, due)
         if not done or stop.requested:  # stopped by a signal
             if run.rank == 0:
                 print(f"stopped at iteration {step}/{budget.niter} of epoch {epoch}; saved {out / 'checkpoint.pth'}; "
@@ -228,10 +229,8 @@ def train_one_epoch(dino, run, epoch, start_step, stop):
             break
     bar.close()
     if first_bad.item() != never:  # checked here too: a Ctrl-C between log points must not save a broken model
-        print(f"\nerror: the loss is not finite at iteration {int(first_bad.item())} (epoch {epoch}). Likely "
-              f"causes: fp16 with small patches (use --precision bf16 or fp32), a too high --lr, or "
-              f"--teacher_temp above 0.07. The last good checkpoint is {run.out / 'checkpoint.pth'} "
-              f"(nothing was written after the failure).", file=sys.stderr)
+        print("\n" + monitor.non_finite_message(int(first_bad.item()), epoch, run.out / "checkpoint.pth"),
+              file=sys.stderr)
         return None
     dt = time.perf_counter() - t0
     it = epoch * niter + i
@@ -400,7 +399,7 @@ def setup(args):
     if world > 1:
         dino.student = nn.parallel.DistributedDataParallel(dino.student, device_ids=[local_rank] if cuda else None)
     if rank == 0 and not (args.benchmark or args.benchmark_data):  # last: bad input, found above, creates nothing
-        runtime.check_writable(out)
+        runtime.check_writable(out, ckpt.checkpoint_bytes(dino))
     return dino, run
 
 
@@ -417,7 +416,7 @@ def main(args):
                         for k, v in sorted(config.items())))
         print(f"device {run.device}, precision {run.precision}, compile {run.compiled}, "
               f"{run.world} process(es), {run.niter} iterations per epoch")
-        ckpt.save_json(config, run.out / "config.json")
+        monitor.write_config(config, run.out)
         if run.resumed_from:
             print(f"resumed from {run.resumed_from} at epoch {run.start_epoch}, iteration {run.start_step}")
         if run.start_epoch >= run.budget.epochs:

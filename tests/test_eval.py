@@ -114,9 +114,9 @@ def test_knn_and_attention_clis_on_a_train_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "06_knn.py", "--checkpoint", str(tmp_path / "checkpoint.pth"),
                         "--data_path", str(folder), "--num_workers", "0"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1].startswith("k-NN top-1 (k=20): ")
+    assert r.stdout.strip().splitlines()[-1].startswith("k-NN top-1 (k=15): ")  # k at most the 15 training images
     result = json.loads((tmp_path / "knn.json").read_text())
-    assert set(result["knn"]) == {"10", "20", "100", "200"}
+    assert set(result["knn"]) == {"10", "15"}  # 20, 100 and 200 ran as 15-NN
     r = subprocess.run([sys.executable, "07_attention.py", "--checkpoint", str(tmp_path / "checkpoint.pth"),
                         "--image", str(folder / "val" / "hstripes" / "0.png"), "--image_size", "32",
                         "--threshold", "0.6", "--output_dir", str(tmp_path / "att")], cwd=ROOT, capture_output=True,
@@ -144,5 +144,5 @@ def test_knn_raw_pixels_baseline(tmp_path):
     r = subprocess.run([sys.executable, "06_knn.py", "--raw_pixels", "--image_size", "16", "--data_path", str(tmp_path),
                         "--num_workers", "0", "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "k-NN top-1 (k=20): 100.00%"
+    assert r.stdout.strip().splitlines()[-1] == "k-NN top-1 (k=12): 100.00%"
     assert json.loads((tmp_path / "knn_raw_pixels.json").read_text())["source"] == "raw pixels"
