@@ -52,8 +52,13 @@ class DINOLoss(nn.Module):
         """student_output: (V * B, K) logits of all crops; teacher_output: (2 * B, K) of the global crops."""
         log_ps = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(self.ncrops)  # V x (B, K)
         teacher_output = teacher_output.detach().float()  # stop-gradient
+        # exercise centering: log_pt (2B, K), the teacher's log-probabilities over the K prototypes: g_t centred by
+        # c = self.center, then sharpened by tau_t = self.teacher_temp(epoch)
         log_pt = F.log_softmax((teacher_output - self.center) / self.teacher_temp(epoch), dim=-1)  # (2B, K)
+        # end exercise
         pt = log_pt.exp()
+        # exercise pairs: loss, the mean of H(P_t, P_s) = -sum_k P_t log P_s (averaged over the batch) over every pair
+        # of a teacher view in pt.chunk(2) and a different student view in log_ps
         total, n_terms = 0.0, 0
         for iq, q in enumerate(pt.chunk(2)):
             for v, log_p in enumerate(log_ps):
@@ -62,6 +67,7 @@ class DINOLoss(nn.Module):
                 total = total + torch.sum(-q * log_p, dim=-1).mean()
                 n_terms += 1
         loss = total / n_terms  # 2 (V - 1) terms
+        # end exercise
         if self.centering:
             self.update_center(teacher_output)
         if not return_diagnostics:
@@ -82,7 +88,10 @@ class DINOLoss(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(batch_center)
             count = count * dist.get_world_size()
+        # exercise centering: c <- m c + (1 - m) batch_center / count, in place on c = self.center (1, K),
+        # with m = self.center_momentum
         self.center.mul_(self.center_momentum).add_(batch_center / count, alpha=1 - self.center_momentum)
+        # end exercise
 
 
 if __name__ == "__main__":

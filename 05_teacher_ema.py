@@ -35,7 +35,9 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
     warmup_iters = warmup_epochs * niter_per_ep
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
     iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    # exercise ema: after the warm-up, v_i = final + (base - final) (1 + cos(pi i / n)) / 2 for i in iters, n of them
     schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    # end exercise
     schedule = np.concatenate((warmup, schedule))
     assert len(schedule) == epochs * niter_per_ep
     return schedule
@@ -46,8 +48,10 @@ def ema_update(teacher, student, m):
     """theta_t <- m theta_t + (1 - m) theta_s over parameters (buffers are not averaged, as in the official code)."""
     t_params = list(teacher.parameters())
     s_params = [p.detach() for p in student.parameters()]
+    # exercise ema: theta_t <- m theta_t + (1 - m) theta_s, in place, for each tensor of t_params and of s_params
     torch._foreach_mul_(t_params, m)
     torch._foreach_add_(t_params, s_params, alpha=1 - m)
+    # end exercise
 
 
 if __name__ == "__main__":

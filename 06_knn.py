@@ -106,9 +106,12 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     correct1 = correct5 = 0
     for i in range(0, len(test_labels), chunk):  # bounded memory: (chunk, n_train) similarities at a time
         feats, targets = test_features[i:i + chunk], test_labels[i:i + chunk]
+        # exercise knn: votes (b, num_classes): the k training images most similar to each query (cosines s_i: the
+        # features are L2-normalised) each vote exp(s_i / T) for its class, train_labels[i]
         sim, idx = (feats @ train_features.T).topk(k, dim=1)  # (b, k)
         votes = torch.zeros(len(targets), num_classes, device=feats.device)
         votes.scatter_add_(1, train_labels[idx], (sim / T).exp())  # score_c = sum exp(s_i / T)
+        # end exercise
         pred = votes.argsort(dim=1, descending=True)
         correct = pred.eq(targets[:, None])
         correct1 += correct[:, :1].sum().item()

@@ -63,10 +63,12 @@ def attention_maps(model, img, patch_size):
 def threshold_masks(maps, threshold=0.6):
     """Per head, the smallest set of patches whose attention adds up to at least `threshold`."""
     flat = maps.flatten(1)  # (H, n)
+    # exercise attention: mask (H, n), True for the fewest patches of each head whose attention adds up to threshold
     val, idx = flat.sort(dim=1, descending=True)
     before = val.cumsum(dim=1) - val  # mass of the strictly larger patches
     keep_sorted = before < threshold  # a patch is kept while the mass before it is not yet enough
     mask = torch.zeros_like(keep_sorted).scatter(1, idx, keep_sorted)
+    # end exercise
     return mask.reshape(maps.shape)
 
 

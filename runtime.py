@@ -107,6 +107,15 @@ def autocast_dtype(precision):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def notebook_device(**properties):
+    """(device, precision, reason) for a notebook: the GPU when there is one, and the precision train.py's
+    --precision auto would choose there, said in one line. properties: auto_precision's (the tests give them)."""
+    device = pick_device(0)
+    precision, reason = auto_precision(device, **properties)
+    print(f"device {device}, precision {precision}: {reason}")
+    return device, precision, reason
+
+
 def inference_dtype(device):
     """The evaluation scripts' autocast dtype (None: fp32), by auto_precision's rule, stated."""
     precision, why = auto_precision(device)

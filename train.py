@@ -80,8 +80,10 @@ def train_step(dino, crops, it, epoch):
         if i == 0:  # only the weight matrices are regularised
             group["weight_decay"] = float(dino.schedule.wd[it])
     with dino.autocast:
+        # exercise multicrop: teacher_output from the 2 global crops only, student_output from every crop
         teacher_output = dino.teacher(crops[:2])  # (2B, K): the teacher sees only the global crops
         student_output = dino.student(crops)  # (V B, K): the student sees them all
+        # end exercise
         loss, diagnostics = dino.loss_fn(student_output, teacher_output, epoch, return_diagnostics=True)
     dino.optimizer.zero_grad(set_to_none=True)
     dino.scaler.scale(loss).backward()

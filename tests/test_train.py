@@ -265,6 +265,15 @@ def test_auto_precision_follows_what_the_device_multiplies_natively(device, prop
     assert train.autocast_dtype(precision) == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
+def test_a_notebook_gets_the_gpu_and_the_precision_train_py_would_choose(monkeypatch, capsys):
+    device, precision, _ = train.runtime.notebook_device()
+    assert device == train.runtime.pick_device(0) and precision == train.runtime.auto_precision(device)[0]
+    monkeypatch.setattr(train.runtime, "pick_device", lambda rank: torch.device("cuda", rank))
+    device, precision, why = train.runtime.notebook_device(capability=(7, 5))  # a T4
+    assert (device, precision) == (torch.device("cuda", 0), "fp16") and "loss scaling" in why
+    assert capsys.readouterr().out.splitlines()[-1] == f"device cuda:0, precision fp16: {why}"
+
+
 def test_a_cpu_whose_features_are_unknown_is_measured(monkeypatch):
     assert 0 < train.runtime.bf16_speedup(n=64, reps=1) < 100  # a ratio of two timings
     monkeypatch.setattr(train.runtime, "cpu_bf16_units", lambda: None)
