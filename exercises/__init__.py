@@ -120,7 +120,9 @@ def splice(solution, student, name, label):
 
 
 def where(origin, lineno, file):
-    source, n = origin[lineno - 1]
+    if not lineno:
+        return file
+    source, n = origin[min(lineno, len(origin)) - 1]
     return f"{file}, line {n}, after your lines" if source == "solution" else f"{source}, line {n}"
 
 

@@ -2,16 +2,19 @@
 import argparse
 import sys
 
-from exercises import EXERCISES, check, make
+from exercises import BY_NAME, EXERCISES, check, make
 
 parser = argparse.ArgumentParser(prog="python -m exercises", description=__doc__.split("\n")[0])
 commands = parser.add_subparsers(dest="command", required=True)
 commands.add_parser("make", help="write the student versions into DIR").add_argument("dir")
 checking = commands.add_parser("check", help="check the exercises: a student's (--student DIR) or the solutions")
 checking.add_argument("--student", metavar="DIR", help="the folder made by `make`; default: the solutions")
-checking.add_argument("names", nargs="*", choices=[[]] + [e.name for e in EXERCISES], metavar="NAME",
+checking.add_argument("names", nargs="*", metavar="NAME",
                       help="only these exercises: " + ", ".join(e.name for e in EXERCISES))
 args = parser.parse_args()
+unknown = [name for name in getattr(args, "names", []) if name not in BY_NAME]
+if unknown:
+    parser.error(f"no exercise {unknown[0]!r}; the exercises: {', '.join(BY_NAME)}")
 
 if args.command == "make":
     try:
