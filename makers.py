@@ -112,10 +112,90 @@ def make_jpegs(out_dir, per_class={"train": 30, "val": 10}, size=(500, 375), qua
     return out_dir
 
 
+# Shapes: ten kinds of outline, and ten letters in the fonts matplotlib ships. Gray, 32 x 32 px, each at a random
+# place, size, angle and stroke; drawn four times larger and reduced (smooth edges).
+OUTLINES = ("circle", "triangle", "square", "pentagon", "hexagon", "star", "cross", "arrow", "heart", "crescent")
+GLYPHS = "ABCDEFGHJK"
+FONTS = ("DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique", "DejaVuSansMono",
+         "DejaVuSansMono-Bold", "DejaVuSansMono-Oblique", "DejaVuSansMono-BoldOblique", "DejaVuSerif",
+         "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic", "STIXGeneral", "STIXGeneralBol",
+         "STIXGeneralItalic", "STIXGeneralBolIta", "cmr10", "cmb10", "cmss10", "cmti10", "cmtt10", "cmmi10")
+
+
+def _arc(start, stop, radius=1.0, centre=(0.0, 0.0), n=48):
+    t = np.linspace(start, stop, n)
+    return np.stack([centre[0] + radius * np.cos(t), centre[1] + radius * np.sin(t)], 1)
+
+
+def _outline(kind):
+    """The shape as a closed polygon around the origin, inside the unit circle."""
+    if kind == "circle":
+        return _arc(0, 2 * np.pi)
+    if kind == "crescent":  # the unit circle less a circle of radius 0.85 centred at (-0.4, 0): they meet at ±123°
+        return np.concatenate([_arc(-2.15, 2.15), _arc(1.745, -1.745, 0.85, (-0.4, 0.0))])
+    if kind == "heart":
+        t = np.linspace(0, 2 * np.pi, 64)
+        x, y = 16 * np.sin(t) ** 3, 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
+        return np.stack([x, 2 - y], 1) / 17
+    if kind == "cross":
+        a, b = 0.9, 0.3
+        return np.array([(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b),
+                         (-a, -b), (-b, -b)])
+    if kind == "arrow":
+        return 0.95 * np.array([(1, 0), (0.1, -0.8), (0.1, -0.3), (-1, -0.3), (-1, 0.3), (0.1, 0.3), (0.1, 0.8)])
+    k = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "star": 10}[kind]
+    t = 2 * np.pi * np.arange(k) / k
+    r = np.where(np.arange(k) % 2, 0.45, 1.0) if kind == "star" else 1.0
+    return np.stack([r * np.sin(t), -r * np.cos(t)], 1)
+
+
+def _draw_outline(kind, rng, side):
+    """A mask (PIL, mode L, side x side) with the shape's outline at a random place, size, angle and stroke."""
+    from PIL import ImageDraw
+    a = rng.uniform(-np.pi, np.pi)
+    points = _outline(kind) @ np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+    points = points * side * rng.uniform(0.25, 0.45) + side * (0.5 + rng.uniform(-0.12, 0.12, 2))
+    mask = Image.new("L", (side, side))
+    ImageDraw.Draw(mask).line([tuple(p) for p in np.concatenate([points, points[:1]])], fill=255,
+                              width=max(1, round(side * rng.uniform(0.03, 0.08))), joint="curve")
+    return mask
+
+
+def _draw_glyph(letter, rng, side):
+    """A mask with the letter in a random font of FONTS, at a random place, size and slant (±20 degrees)."""
+    import matplotlib
+    from PIL import ImageDraw, ImageFont
+    font = FONTS[rng.randint(len(FONTS))]
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / f"{font}.ttf"),
+                              round(side * rng.uniform(0.5, 0.8)))
+    mask = Image.new("L", (side, side))
+    ImageDraw.Draw(mask).text(tuple(side * (0.5 + rng.uniform(-0.1, 0.1, 2))), letter, fill=255, font=font,
+                              anchor="mm")
+    return mask.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR)
+
+
+def _write_drawn(draw, classes, out, any_gray, per_class=500, side=32, seed=0):
+    """per_class images of each class, drawn by draw(cls, rng, 4 * side) as a mask and reduced to side x side;
+    light on dark, or (any_gray) a random gray on another at least 100 levels apart. Every fifth goes to val/."""
+    rng = np.random.RandomState(seed)
+    for label in classes:
+        for i in range(per_class):
+            mask = np.asarray(draw(label, rng, 4 * side).resize((side, side), Image.BOX), np.float32) / 255
+            ink, paper = rng.uniform(0, 255, 2) if any_gray else (rng.uniform(200, 255), rng.uniform(0, 55))
+            if abs(ink - paper) < 100:
+                ink, paper = (ink + paper) / 2 + 50, (ink + paper) / 2 - 50
+            d = Path(out) / ("val" if i % 5 == 4 else "train") / label
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((paper + (ink - paper) * mask).clip(0, 255).round().astype(np.uint8)).save(
+                d / f"{i:04d}.png")
+
+
 MAKERS = {
     "digits": make_digits,
     "photos": lambda out: _write_crops(_photos(), out, 400, (0.15, 0.45), "jpg"),  # 4,400 colour crops
     "surfaces": lambda out: _write_crops(_gray_surfaces(), out, 400, (0.1, 0.3), "png"),  # 2,800 gray crops
+    "outlines": lambda out: _write_drawn(_draw_outline, OUTLINES, out, False),  # 5,000 outlines, light on dark
+    "glyphs": lambda out: _write_drawn(_draw_glyph, GLYPHS, out, True),  # 5,000 letters in 22 fonts, any grays
     "jpegs": make_jpegs,  # 400 ImageNet-size JPEGs, for timing the input pipeline
     "scenes": lambda out: __import__("scenes").write_folders(out),  # the embedded scenes, also as VOC and DAVIS
 }

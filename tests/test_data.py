@@ -1,5 +1,6 @@
 """The small real datasets are rebuilt identically, offline, as ImageFolders with train/ and val/."""
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -32,6 +33,31 @@ def test_crops_of_real_photographs_are_rebuilt_identically(tmp_path):
         assert a == digest(tmp_path / name / "b") and len(a) == 5 * len(sources)
     assert len(makers._photos()) == 11 and len(makers._gray_surfaces()) == 7
     assert data.has_val(str(tmp_path / "photos" / "a")) and not data.has_val(str(tmp_path / "photos" / "a" / "train"))
+
+
+
+def test_shape_folders_are_rebuilt_identically_and_draw_every_class(tmp_path):
+    for draw, classes, any_gray in ((makers._draw_outline, makers.OUTLINES, False),
+                                    (makers._draw_glyph, makers.GLYPHS, True)):
+        for copy in "ab":
+            makers._write_drawn(draw, classes, tmp_path / copy, any_gray, per_class=5)
+        a = digest(tmp_path / "a")
+        assert a == digest(tmp_path / "b") and len(a) == 5 * len(classes)
+        train = data.build_dataset(str(tmp_path / "a"), "train")
+        assert train.classes == sorted(classes) and train[0][0].size == (32, 32)
+        shutil.rmtree(tmp_path / "a"), shutil.rmtree(tmp_path / "b")
+    # with the same draws, the ten outlines differ from one another, and every font draws every letter
+    masks = [np.asarray(makers._draw_outline(kind, np.random.RandomState(0), 128)) > 0 for kind in makers.OUTLINES]
+    assert all((m != n).mean() > 0.02 for i, m in enumerate(masks) for n in masks[i + 1:])
+    class EachFont(np.random.RandomState):
+        font = 0
+
+        def randint(self, n):  # the font drawn
+            return self.font
+
+    rng = EachFont(0)
+    for rng.font in range(len(makers.FONTS)):
+        assert all(np.asarray(makers._draw_glyph(letter, rng, 128)).mean() > 5 for letter in makers.GLYPHS), rng.font
 
 
 # ---------------------------------------------------------------------------- large files, small crops
