@@ -25,6 +25,7 @@ def log_epoch(row, log_rows, out, draw=True):
     msg = collapse_message(row["entropy"], row["kl"], K)
     if not msg and not drift_message(log_rows[:-1], K):  # a drift is named once, when it starts
         msg = drift_message(log_rows, K)
+    msg = msg or stalled_message(row)
     if msg:
         print(msg, file=sys.stderr)
 
@@ -127,6 +128,17 @@ def drift_message(log_rows, K, window=3):
                 f"KL fell from {kl[0]:.2f} to {kl[-1]:.2f} over {window} epochs, with every image on the same few "
                 f"dimensions. Sharpening is winning: stop and raise --teacher_temp slightly or lower --lr.")
     return None
+
+
+def stalled_message(row):
+    """A run that does not collapse and still learns nothing: its k-NN has not cut a tenth of the errors of the
+    same network before training."""
+    if row.get("knn_init") is None or 100 - row["knn_top1"] < 0.9 * (100 - row["knn_init"]):
+        return None
+    return (f"warning: k-NN top-1 {row['knn_top1']:.1f}% is hardly better than the same network before training "
+            f"({row['knn_init']:.1f}%): the features have not learned what tells these classes apart. Compare raw "
+            f"pixels (06_knn.py --raw_pixels) and labels on the same views (supervised.py); on images whose class is "
+            f"the shape of a thin outline or a letter this preset learns nothing: docs/own-images.md#shapes")
 
 
 def plot_curves(log_rows, path):

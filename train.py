@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,7 @@ knn = importlib.import_module("06_knn")
 
 
 # ---------------------------------------------------------------------------- Algorithm 1
-@dataclass
+@dataclasses.dataclass
 class Schedules:
     """One value per iteration (epochs x iterations per epoch), as the official code."""
     lr: np.ndarray  # linear warm-up to lr x total batch / 256, then cosine to min_lr
@@ -58,7 +57,7 @@ class Schedules:
     momentum: np.ndarray  # teacher momentum m, cosine from momentum_teacher to 1
 
 
-@dataclass
+@dataclasses.dataclass
 class DINO:
     """Everything one iteration of Algorithm 1 reads or updates."""
     student: nn.Module  # g_theta_s: backbone + head (wrapped in DDP when there are several processes)
@@ -120,7 +119,7 @@ def unwrap(model):
 
 
 # ---------------------------------------------------------------------------- the run around it
-@dataclass
+@dataclasses.dataclass
 class Budget:
     """What the run does: the flags' epochs, or with --steps N about N iterations whatever the dataset's size,
     the epochs and the epoch-valued flags fitted to them (fit_to_budget)."""
@@ -136,7 +135,7 @@ class Budget:
         return dict(vars(args), **{k: v for k, v in dataclasses.asdict(self).items() if k != "niter"})
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """Where a run's data comes from, where its results go, and where it stands."""
     args: argparse.Namespace
@@ -166,6 +165,14 @@ def fit(dino, run, stop):
     written; always when stopped mid-epoch) and a line of log.txt; k-NN every eval_every epochs."""
     args, budget, out, epoch, step = run.args, run.budget, run.out, run.start_epoch, run.start_step
     checkpoints, config = ckpt.RunCheckpoints(out, args.saveckp_freq), budget.config(args)
+    def knn_of(net):  # 20-NN (top-1, top-5) on val/
+        return knn.evaluate(net, args.data_path, args.global_size, run.device, (20,), batch_size=256,
+                            num_workers=run.workers, dtype=autocast_dtype(run.precision), shrink=run.shrink)[20]
+    knn_init = next((r["knn_init"] for r in run.log_rows if r.get("knn_init") is not None), None)
+    if budget.eval_every and not run.log_rows and not step:  # the network before training: the k-NN to beat
+        knn_init = knn_of(dino.teacher.backbone)[0]
+        if run.rank == 0:
+            print(f"k-NN top-1 before training: {knn_init:.1f}%")
     while epoch < budget.epochs:
         run.loader.sampler.set_epoch(epoch)
         run.loader.sampler.skip = step * args.batch_size_per_gpu  # a run stopped mid-epoch resumes at its next batch
@@ -176,10 +183,8 @@ def fit(dino, run, stop):
         step += row["steps"]
         done, last = step == budget.niter, epoch + 1 == budget.epochs
         if done and budget.eval_every and ((epoch + 1) % budget.eval_every == 0 or last):
-            res = knn.evaluate(dino.teacher.backbone, args.data_path, args.global_size, run.device, (20,),
-                               batch_size=256, num_workers=run.workers, dtype=autocast_dtype(run.precision),
-                               shrink=run.shrink)
-            row["knn_top1"], row["knn_top5"] = res[20]
+            row["knn_top1"], row["knn_top5"] = knn_of(dino.teacher.backbone)
+            row["knn_init"] = knn_init  # None where a resumed run has lost it
         if run.rank == 0:  # the log row first: a checkpoint never holds an epoch that log.txt lacks
             state = ckpt.checkpoint_state(dino, config, epoch + 1 if done else epoch, 0 if done else step)
             due = checkpoints.due(done, last or stop.requested)

@@ -186,6 +186,17 @@ def test_drift_towards_a_collapse_is_named_before_it_happens():
     assert "one dimension" in monitor.drift_message(rows(spread, batch_entropy=0.3), K)
 
 
+def test_a_run_that_learns_nothing_is_named():
+    # the shape folders of docs/own-images.md: no collapse, but the k-NN of the network before training unchanged
+    assert "hardly better than the same network before training" in monitor.stalled_message(
+        {"knn_top1": 19.6, "knn_init": 23.6})
+    assert "supervised.py" in monitor.stalled_message({"knn_top1": 26.0, "knn_init": 25.1})
+    assert monitor.stalled_message({"knn_top1": 94.8, "knn_init": 44.8}) is None  # the course run
+    assert monitor.stalled_message({"knn_top1": 88.9, "knn_init": 85.7}) is None  # surfaces: a fifth fewer errors
+    assert monitor.stalled_message({"knn_top1": 50.0, "knn_init": None}) is None  # resumed without it: no guess
+    assert monitor.stalled_message({"knn_top1": 50.0}) is None
+
+
 @pytest.mark.parametrize("batches,epochs,niter", [(78, 6, 78), (22, 22, 22), (13, 37, 13), (781, 6, 80)])
 def test_a_step_budget_gives_small_and_large_datasets_the_same_number_of_steps(batches, epochs, niter):
     args = train.parse_args(["--preset", "cpu_course", "--steps", "480"])  # 6 epochs, 1 of warm-up, k-NN every 3
@@ -212,7 +223,8 @@ def test_large_files_are_decoded_once_for_training_and_its_evaluations(tmp_path,
     err = capsys.readouterr().err
     assert err.count("8 training images are far larger") == 1 and err.count("4 val images are far larger") == 1
     assert "train images" not in err  # the k-NN memory bank is the training set, already in memory
-    assert all("knn_top1" in json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines())
+    logged = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
+    assert all("knn_top1" in r for r in logged) and len({r["knn_init"] for r in logged}) == 1  # measured once
 
 
 def test_short_epochs_checkpoint_about_once_a_minute_and_a_crash_loses_no_log_row(folder, tmp_path, monkeypatch):
