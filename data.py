@@ -33,6 +33,38 @@ PER_CLASS = {"train": 500, "val": 100}  # images of each pattern in the embedded
 CACHE = Path(os.environ.get("DINO_DATA", Path.home() / ".cache" / "dino-data"))
 
 
+def pattern_mask(name, x, y, u, v, p, cx, cy, rng):
+    """The binary pattern m(x, y) of kind `name` on the pixel grid x, y (rotated u, v), at period p in pixels,
+    rings and rays centred on (cx, cy): the textures' classes, and the surfaces of the scenes' objects."""
+    if name == "hstripes":
+        return np.sin(2 * np.pi * v / p) > 0
+    if name in ("vstripes", "stripes"):
+        return np.sin(2 * np.pi * u / p) > 0
+    if name in ("checker", "checks"):
+        return np.sin(2 * np.pi * u / p) * np.sin(2 * np.pi * v / p) > 0
+    if name == "dots":
+        return np.sin(np.pi * u / p) ** 2 + np.sin(np.pi * v / p) ** 2 < 0.6
+    if name == "rings":
+        return np.sin(2 * np.pi * np.hypot(x - cx, y - cy) / p) > 0
+    if name == "grid":
+        return (np.abs(np.sin(np.pi * u / p)) < 0.3) | (np.abs(np.sin(np.pi * v / p)) < 0.3)
+    if name == "diagonals":
+        return (np.abs(np.sin(np.pi * (u + v) / p / 1.4)) < 0.3) | (np.abs(np.sin(np.pi * (u - v) / p / 1.4)) < 0.3)
+    if name == "blobs":  # smooth noise, thresholded at its median
+        size = x.shape[0]
+        n = rng.normal(size=(size // 8 + 2, size // 8 + 2))
+        n = Image.fromarray(((n - n.min()) / np.ptp(n) * 255).astype(np.uint8))
+        n = np.asarray(n.resize((size + 16, size + 16), Image.BICUBIC), dtype=np.float64)[8:-8, 8:-8]
+        return n > np.median(n)
+    if name == "waves":
+        return np.sin(2 * np.pi * (v + 0.25 * p * np.sin(2 * np.pi * u / (2.5 * p))) / p) > 0
+    if name == "rays":
+        return np.sin(rng.randint(5, 9) * np.arctan2(y - cy, x - cx) + rng.uniform(0, 2 * np.pi)) > 0
+    if name == "zigzag":
+        return np.sin(2 * np.pi * (v + 0.5 * p * np.abs(((u / p) % 2) - 1)) / p) > 0
+    raise ValueError(f"unknown pattern {name!r}")
+
+
 def draw_texture(rng, label, size=64):
     """One image of class `label`: a binary pattern m(x, y) painted light on dark, plus noise."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -41,30 +73,7 @@ def draw_texture(rng, label, size=64):
     p = rng.uniform(7, 14)  # period in pixels
     u, v = u + rng.uniform(0, p), v + rng.uniform(0, p)  # phase
     cx, cy = rng.uniform(0, size, 2)  # centre of rings and rays
-    name = TEXTURES[label]
-    if name == "hstripes":
-        m = np.sin(2 * np.pi * v / p) > 0
-    elif name == "vstripes":
-        m = np.sin(2 * np.pi * u / p) > 0
-    elif name == "checker":
-        m = np.sin(2 * np.pi * u / p) * np.sin(2 * np.pi * v / p) > 0
-    elif name == "dots":
-        m = np.sin(np.pi * u / p) ** 2 + np.sin(np.pi * v / p) ** 2 < 0.6
-    elif name == "rings":
-        m = np.sin(2 * np.pi * np.hypot(x - cx, y - cy) / p) > 0
-    elif name == "grid":
-        m = (np.abs(np.sin(np.pi * u / p)) < 0.3) | (np.abs(np.sin(np.pi * v / p)) < 0.3)
-    elif name == "diagonals":
-        m = (np.abs(np.sin(np.pi * (u + v) / p / 1.4)) < 0.3) | (np.abs(np.sin(np.pi * (u - v) / p / 1.4)) < 0.3)
-    elif name == "blobs":  # smooth noise, thresholded at its median
-        n = rng.normal(size=(size // 8 + 2, size // 8 + 2))
-        n = Image.fromarray(((n - n.min()) / np.ptp(n) * 255).astype(np.uint8))
-        n = np.asarray(n.resize((size + 16, size + 16), Image.BICUBIC), dtype=np.float64)[8:-8, 8:-8]
-        m = n > np.median(n)
-    elif name == "waves":
-        m = np.sin(2 * np.pi * (v + 0.25 * p * np.sin(2 * np.pi * u / (2.5 * p))) / p) > 0
-    elif name == "rays":
-        m = np.sin(rng.randint(5, 9) * np.arctan2(y - cy, x - cx) + rng.uniform(0, 2 * np.pi)) > 0
+    m = pattern_mask(TEXTURES[label], x, y, u, v, p, cx, cy, rng)
     dark, light = rng.randint(10, 90), rng.randint(170, 250)
     img = np.where(m, light, dark)[..., None] + rng.normal(0, 12, (size, size, 1))  # (size, size, 1)
     return Image.fromarray(np.repeat(img, 3, axis=2).clip(0, 255).astype(np.uint8))

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+import data
+
 CLASSES = ("disk", "square", "triangle", "cross", "ring", "star", "crescent", "bar")
 PATTERNS = ("stripes", "checks", "dots", "rings", "grid", "waves", "rays", "zigzag")  # class i: shape i, pattern i
 PER_CLASS = {"train": 500, "val": 50}
@@ -86,23 +88,7 @@ def _pattern(rng, label, colours, size):
     u, v = x * math.cos(t) - y * math.sin(t), x * math.sin(t) + y * math.cos(t)
     p = rng.uniform(4.0, 7.0) * SUPERSAMPLE  # period in pixels of the drawing
     cx, cy = rng.uniform(0, size, 2)
-    name = PATTERNS[label]
-    if name == "stripes":
-        m = np.sin(2 * np.pi * u / p) > 0
-    elif name == "checks":
-        m = np.sin(2 * np.pi * u / p) * np.sin(2 * np.pi * v / p) > 0
-    elif name == "dots":
-        m = np.sin(np.pi * u / p) ** 2 + np.sin(np.pi * v / p) ** 2 < 0.6
-    elif name == "rings":
-        m = np.sin(2 * np.pi * np.hypot(x - cx, y - cy) / p) > 0
-    elif name == "grid":
-        m = (np.abs(np.sin(np.pi * u / p)) < 0.3) | (np.abs(np.sin(np.pi * v / p)) < 0.3)
-    elif name == "waves":
-        m = np.sin(2 * np.pi * (v + 0.25 * p * np.sin(2 * np.pi * u / (2.5 * p))) / p) > 0
-    elif name == "rays":
-        m = np.sin(rng.randint(5, 9) * np.arctan2(y - cy, x - cx) + rng.uniform(0, 2 * np.pi)) > 0
-    else:  # "zigzag"
-        m = np.sin(2 * np.pi * (v + 0.5 * p * np.abs(((u / p) % 2) - 1)) / p) > 0
+    m = data.pattern_mask(PATTERNS[label], x, y, u, v, p, cx, cy, rng)
     return np.where(m[..., None], colours[0], colours[1])
 
 
