@@ -6,7 +6,8 @@ random position, scale and angle, the pattern at a random period and phase. The 
 many small flat discs and boxes, out of focus as behind a photographed object. Everything is gray, in levels drawn from one range. So:
 
 - no pixel tells object from background: both take their gray levels from the same distribution;
-- the background says nothing about the class: it is drawn independently of it;
+- the background says nothing about the class: it is drawn independently of it; nor about which scene it is:
+  hundreds of small leaves make it one texture everywhere, so two crops of a scene share only the object;
 - the class is in the object only, in its outline and in the arrangement of its pixels.
 
 Every image comes with its object mask (the pixels more than half covered by the object). Videos are short
@@ -33,6 +34,9 @@ PER_CLASS = {"train": 500, "val": 50}
 SIZE = 64  # pixels per side of an image
 SEEDS = {"train": 10, "val": 11}
 BLUR = 0.02  # the clutter is out of focus, as behind a photographed object: blur radius / side
+# Many small leaves, so that the clutter is one texture in every scene: its statistics do not tell the scenes apart
+# (few large leaves did: two crops of one scene shared their grays, and DINO learnt to describe the background)
+LEAVES, LEAF_RADIUS = 600, (0.02, 0.06)  # radius / side
 SUPERSAMPLE = 2  # drawn at twice the size, then averaged down: smooth edges, masks to the half pixel
 
 
@@ -99,12 +103,12 @@ def _two_levels(rng):
     return np.array([[a] * 3, [b] * 3])
 
 
-def _clutter(rng, size, n):
+def _clutter(rng, size, n=LEAVES):
     """Dead leaves: n flat-coloured discs and boxes, each much smaller than the object, painted in turn."""
     img = Image.new("RGB", (size, size), tuple(int(c) for c in _palette(rng, 1)[0]))
     draw = ImageDraw.Draw(img)
     for colour, (x, y), r, box in zip(_palette(rng, n), rng.uniform(-0.1, 1.1, (n, 2)) * size,
-                                      rng.uniform(0.03, 0.13, n) * size, rng.rand(n) < 0.5):
+                                      rng.uniform(*LEAF_RADIUS, n) * size, rng.rand(n) < 0.5):
         (draw.rectangle if box else draw.ellipse)([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in colour))
     return np.asarray(img.filter(ImageFilter.GaussianBlur(BLUR * size)))
 
@@ -133,7 +137,7 @@ def draw_scene(rng, label, size=SIZE):
     r = rng.uniform(0.25, 0.38) * big  # outer radius: a large object, a few patches wide
     cx, cy = rng.uniform(r * 0.8, big - r * 0.8, 2)  # mostly inside the frame
     angle = rng.uniform(0, 2 * math.pi)
-    background = _clutter(rng, big, 50)
+    background = _clutter(rng, big)
     fill = _pattern(rng, label, _two_levels(rng), big)
     return _compose(background, _object_alpha(label, cx, cy, r, angle, big), fill, size)
 
@@ -168,7 +172,7 @@ def draw_video(rng, label, frames=12, size=SIZE):
     big = size * SUPERSAMPLE
     pan = rng.uniform(-0.25, 0.25, 2) * big / frames  # the background drifts by up to a quarter of the frame
     margin = int(np.ceil(np.abs(pan).max() * frames)) + 1
-    background = _clutter(rng, big + 2 * margin, 90)
+    background = _clutter(rng, big + 2 * margin, round(LEAVES * (1 + 2 * margin / big) ** 2))  # as dense as a scene's
     fill = _pattern(rng, label, _two_levels(rng), big)
     r0, r1 = rng.uniform(0.22, 0.34, 2) * big
     start, end = rng.uniform(0.3, 0.7, (2, 2)) * big

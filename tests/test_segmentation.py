@@ -64,6 +64,17 @@ def test_the_background_does_not_predict_the_class():
     assert score(shape) > 0.3
 
 
+def test_the_background_does_not_tell_the_scenes_apart(val):
+    """Two parts of one scene's clutter are no more alike than parts of two scenes: the mean and spread of the
+    background's grays on the left half do not predict those on the right half. So DINO cannot match two crops
+    of a scene by their clutter; what they share is the object."""
+    g, m, half = val.images[..., 0].astype(float), val.masks, scenes.SIZE // 2
+    left = np.array([(gi[:, :half][~mi[:, :half]].mean(), gi[:, :half][~mi[:, :half]].std()) for gi, mi in zip(g, m)])
+    right = np.array([(gi[:, half:][~mi[:, half:]].mean(), gi[:, half:][~mi[:, half:]].std()) for gi, mi in zip(g, m)])
+    for j in range(2):
+        assert abs(np.corrcoef(left[:, j], right[:, j])[0, 1]) < 0.35
+
+
 def test_jaccard_of_the_truth_is_100_and_of_its_complement_0(val):
     truth = torch.from_numpy(val.masks.astype(np.uint8))
     assert torch.equal(seg.jaccard(truth.bool(), truth), torch.full((len(val),), 100.0))
