@@ -7,6 +7,8 @@
 t = 0.6, as the paper's figure and table. J is computed per image and head, pixels marked void in the ground
 truth (255 in PASCAL VOC) left out, then averaged over the images: one J per head. The paper shows its best
 head; the line printed here, `jaccard: XX.X`, is the best head's mean J (the mean over heads is reported too).
+Not in the paper, to read a J: the share of the attention on the object, beside the object's share of the
+image, which is what attention that prefers nothing puts there.
 Paper, PASCAL VOC12 val, ViT-S/16: 45.9 with DINO, 27.3 supervised.
 
 Nothing in training asks for this: no mask, no label. On the embedded `scenes` (scenes.py: one object on
@@ -66,6 +68,13 @@ def jaccard(pred, truth):
     return torch.where(union > 0, 100 * inter / union.clamp(min=1), torch.full_like(union, 100.0))
 
 
+def object_share(maps, truth, patch_size):
+    """Each head's share of attention on the object, (B, H): a patch counts by the part of it the object covers.
+    A map that prefers nothing puts the object's area there; one that finds the object, more."""
+    cover = F.avg_pool2d((truth == 1).float()[:, None], patch_size)  # (B, 1, h/p, w/p)
+    return (maps * cover).sum((-2, -1))
+
+
 @torch.no_grad()
 def pca_rgb(model, images, patch_size):
     """The patch features of the last block projected on their first three principal components, fitted jointly
@@ -82,13 +91,17 @@ def pca_rgb(model, images, patch_size):
     return pcs.reshape(B, h // patch_size, w // patch_size, 3)
 
 
-def summarize(J):
-    """J (images, heads) -> the per-head means, the best head and its J, the mean over heads."""
+def summarize(J, share=None, area=None):
+    """J (images, heads) -> the per-head means, the best head and its J, the mean over heads; with the attention's
+    share on the object (images, heads) and the object's area (images,), their means in %."""
     per_head = J.mean(0)
     best = int(per_head.argmax())
-    return {"per_head": [round(float(j), 2) for j in per_head], "best_head": best,
-            "jaccard_best_head": float(per_head[best]), "jaccard_mean_heads": float(per_head.mean()),
-            "images": J.shape[0]}
+    out = {"per_head": [round(float(j), 2) for j in per_head], "best_head": best,
+           "jaccard_best_head": float(per_head[best]), "jaccard_mean_heads": float(per_head.mean()),
+           "images": J.shape[0]}
+    if share is not None:
+        out.update(attention_on_object=100 * float(share.mean()), object_area=100 * float(area.mean()))
+    return out
 
 
 # ---------------------------------------------------------------------------- the data: scenes or PASCAL VOC
@@ -157,19 +170,23 @@ def read_voc(image_path, mask_path, image_size, patch_size):
 
 
 def evaluate(model, patch_size, data_path="scenes", image_size=None, threshold=0.6, batch_size=64):
-    """J per image and head, (n, H), on the scenes' val split or a PASCAL VOC folder."""
+    """On the scenes' val split or a PASCAL VOC folder: J and the attention's share on the object per image and
+    head, (n, H) each, and the object's share of each image, (n,)."""
     if data_path == "scenes":
         images, truth, _ = scenes_split("val")
-        return torch.cat([jaccard(attention_masks(model, x, patch_size, threshold)[1], t[:, None])
-                          for x, t in zip(images.split(batch_size), truth.split(batch_size))])
-    J = []
-    for image_path, mask_path in voc_pairs(data_path):
-        x, t = read_voc(image_path, mask_path, image_size, patch_size)
-        if (t == 1).any():  # an image without any object says nothing about segmentation
-            J.append(jaccard(attention_masks(model, x, patch_size, threshold)[1][0], t))
+        batches = zip(images.split(batch_size), truth.split(batch_size))
+    else:
+        pairs = (read_voc(image, mask, image_size, patch_size) for image, mask in voc_pairs(data_path))
+        batches = ((x, t[None]) for x, t in pairs if (t == 1).any())  # an image without an object says nothing
+    J, share, area = [], [], []
+    for x, t in batches:
+        maps, keep = attention_masks(model, x, patch_size, threshold)
+        J.append(jaccard(keep, t[:, None]))
+        share.append(object_share(maps, t, patch_size))
+        area.append(((t == 1).sum((-2, -1)) / (t != VOID).sum((-2, -1)).clamp(min=1)).float())
     if not J:
         raise data.DataError(f"no mask of {data_path} marks an object; nothing to score")
-    return torch.stack(J)
+    return torch.cat(J), torch.cat(share), torch.cat(area)
 
 
 def save_figure(models, images, truth, patch_size, path, threshold=0.6):
@@ -229,8 +246,7 @@ def main(args):
     torch.manual_seed(0)
     model, out_dir = prepare(args)
     image_size = args.image_size or 480
-    J = evaluate(model, args.patch_size, args.data_path, image_size, args.threshold)
-    res = summarize(J)
+    res = summarize(*evaluate(model, args.patch_size, args.data_path, image_size, args.threshold))
     what = cli.source_name(args)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = cli.results_name(args, "jaccard")
@@ -242,7 +258,8 @@ def main(args):
                     args.patch_size, out_dir / "segmentation.png", args.threshold)
     print(f"{args.arch}/{args.patch_size} ({what}) on {args.data_path}, {res['images']} images, "
           f"{int(100 * args.threshold)} % of the attention: per head {res['per_head']}, "
-          f"mean over heads {res['jaccard_mean_heads']:.1f}")
+          f"mean over heads {res['jaccard_mean_heads']:.1f}; attention on the object "
+          f"{res['attention_on_object']:.1f} % (mean over heads), the object {res['object_area']:.1f} % of the image")
     print(f"jaccard: {res['jaccard_best_head']:.1f}")
 
 

@@ -85,6 +85,19 @@ def test_jaccard_of_the_truth_is_100_and_of_its_complement_0(val):
     assert torch.allclose(seg.jaccard(half, truth), expected)
 
 
+def test_attention_that_prefers_nothing_puts_the_objects_area_on_it(val):
+    truth = torch.from_numpy(val.masks.astype(np.uint8))[:8]
+    uniform = torch.full((8, 2, 8, 8), 1 / 64)  # two heads, 8 x 8 patches of 8 px
+    area = truth.float().mean((1, 2))
+    assert torch.allclose(seg.object_share(uniform, truth, 8), area[:, None].expand(8, 2), atol=1e-6)
+    cover = torch.nn.functional.avg_pool2d(truth.float()[:, None], 8)  # attention exactly where the object is
+    assert torch.allclose(seg.object_share(cover / cover.sum((-2, -1), keepdim=True), truth, 8).squeeze(1),
+                          (cover ** 2).sum((-2, -1)).squeeze(1) / cover.sum((-2, -1)).squeeze(1))
+    inside = (cover == 1).float()  # only patches wholly inside the object
+    if (inside.sum((-2, -1)) > 0).all():
+        assert torch.allclose(seg.object_share(inside / inside.sum((-2, -1), keepdim=True), truth, 8), torch.ones(8, 1))
+
+
 def test_void_pixels_are_not_scored():
     truth = torch.tensor([[1, 1, 255, 0]], dtype=torch.uint8)
     pred = torch.tensor([[True, True, True, False]])  # the void pixel predicted object: no penalty
@@ -135,6 +148,7 @@ def test_a_voc_folder_is_scored_and_the_json_written(tmp_path, vit):
     import json
     res = json.loads((tmp_path / "out" / "jaccard_random_init.json").read_text())
     assert res["images"] == 3 and len(res["per_head"]) == 4
+    assert 0 < res["attention_on_object"] < 100 and 0 < res["object_area"] < 100
 
 
 @pytest.mark.parametrize("case", ["missing_mask", "other_size", "not_voc", "threshold_0", "threshold_above_1"])
