@@ -183,7 +183,7 @@ def evaluate(model, patch_size, data_path="scenes", image_size=None, threshold=0
         maps, keep = attention_masks(model, x, patch_size, threshold)
         J.append(jaccard(keep, t[:, None]))
         share.append(object_share(maps, t, patch_size))
-        area.append(((t == 1).sum((-2, -1)) / (t != VOID).sum((-2, -1)).clamp(min=1)).float())
+        area.append((t == 1).float().mean((-2, -1)))  # what a map that prefers nothing puts on the object
     if not J:
         raise data.DataError(f"no mask of {data_path} marks an object; nothing to score")
     return torch.cat(J), torch.cat(share), torch.cat(area)
